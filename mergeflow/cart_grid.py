@@ -1,0 +1,199 @@
+"""A CART rank grid from one SVD per (matrix, task).
+
+:meth:`CartFactors.factorize` reads the fine-tuned checkpoints key by key and keeps θ_avg
+(float32) for every tensor plus, for each selected matrix and task, the top ``k_max``
+singular triplets of the centered task vector τ̄_t, where ``k_max`` follows from
+``max_rank_ratio``. :meth:`CartFactors.merge` then builds any (rank_ratio ≤ max_rank_ratio,
+scale) point with one matrix product per matrix and no further SVD; the result equals
+``mergeflow.methods.cart`` run directly with the same parameters.
+
+Factors can be saved to and loaded from one safetensors file (local path or URI), so they
+can be computed on a GPU worker and reused by others.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from mergeflow.checkpoints import (
+    CheckpointReader,
+    StateDictReader,
+    open_checkpoint,
+    save_state_dict,
+)
+from mergeflow.errors import CheckpointError, ParameterError
+from mergeflow.merge import common_layout
+from mergeflow.methods.cart import METHOD as CART
+from mergeflow.methods.cart import CartParams, LowRankSelection, centered
+from mergeflow.statedict import COMPUTE_DTYPE, StateDict
+from mergeflow.storage import CheckpointCache
+from mergeflow.svd import Factors, low_rank_sum, rank_for, resolve_device, truncated_svd
+
+log = logging.getLogger(__name__)
+
+FORMAT = "mergeflow.cart_factors/1"
+_DTYPES = {str(d): d for d in (torch.float64, torch.float32, torch.float16, torch.bfloat16)}
+
+
+def _as_reader(
+    source: CheckpointReader | Mapping[str, torch.Tensor], index: int
+) -> CheckpointReader:
+    if isinstance(source, CheckpointReader):
+        return source
+    return StateDictReader(source, name=f"fine-tuned model {index}")
+
+
+class CartFactors:
+    """θ_avg and the truncated SVD factors of every task's centered task vector.
+
+    Attributes:
+        average: key → θ_avg, float32 for floating tensors (integer buffers as stored).
+        factors: selected key → one :class:`Factors` per task, each of rank ``k_max``.
+        dtypes: key → the checkpoints' dtype, which merged tensors are cast back to.
+    """
+
+    def __init__(
+        self,
+        average: StateDict,
+        factors: dict[str, list[Factors]],
+        dtypes: dict[str, torch.dtype],
+        num_tasks: int,
+        max_rank_ratio: float,
+        selection: LowRankSelection,
+    ):
+        self.average = average
+        self.factors = factors
+        self.dtypes = dtypes
+        self.num_tasks = num_tasks
+        self.max_rank_ratio = max_rank_ratio
+        self.selection = selection
+
+    @classmethod
+    def factorize(
+        cls,
+        finetuned: Sequence[CheckpointReader | Mapping[str, torch.Tensor]],
+        max_rank_ratio: float = 1.0,
+        selection: LowRankSelection | None = None,
+        device: str | torch.device | None = "auto",
+        progress: bool = False,
+    ) -> CartFactors:
+        """One SVD per selected matrix and task, in float32 on ``device`` (CUDA when
+        available under ``"auto"``); factors are kept on the CPU up to rank ``k_max``."""
+        CART.parse_params({"rank_ratio": max_rank_ratio})  # the same bounds as a CART merge
+        selection = selection or LowRankSelection()
+        readers = [_as_reader(s, i) for i, s in enumerate(finetuned)]
+        if not readers:
+            raise ParameterError("no fine-tuned checkpoints given")
+        layout = common_layout(readers)
+        compute_device = resolve_device(device)
+        average: StateDict = {}
+        factors: dict[str, list[Factors]] = {}
+        dtypes: dict[str, torch.dtype] = {}
+        keys = tqdm(layout.items(), desc="factorize", unit="tensor", disable=not progress)
+        for key, (shape, dtype) in keys:
+            dtypes[key] = dtype
+            if not dtype.is_floating_point:
+                average[key] = readers[0].get(key).clone()
+                continue
+            tensors = [r.get(key).to(compute_device, COMPUTE_DTYPE) for r in readers]
+            avg, task_vectors = centered(tensors)
+            average[key] = avg.cpu()
+            if selection.selects(key, shape):
+                k_max = rank_for(shape, max_rank_ratio)
+                factors[key] = [truncated_svd(tau, k_max).to("cpu") for tau in task_vectors]
+        log.info(
+            "factorized %d matrices of %d tasks (max rank ratio %s)",
+            len(factors),
+            len(readers),
+            max_rank_ratio,
+        )
+        return cls(average, factors, dtypes, len(readers), max_rank_ratio, selection)
+
+    def params(self, rank_ratio: float, scale: float = 1.0) -> CartParams:
+        """CART parameters of one grid point (validated, with this grid's selection)."""
+        parsed = CART.parse_params(
+            {"rank_ratio": rank_ratio, "scale": scale, **self.selection.model_dump()}
+        )
+        if rank_ratio > self.max_rank_ratio:
+            raise ParameterError(
+                f"rank_ratio {rank_ratio} is above the factorized maximum {self.max_rank_ratio}; "
+                "factorize with a larger max_rank_ratio"
+            )
+        return parsed
+
+    def merge(
+        self, rank_ratio: float, scale: float = 1.0, device: str | torch.device | None = "auto"
+    ) -> StateDict:
+        """The CART merge at (rank_ratio, scale), in the checkpoints' dtypes, on the CPU."""
+        self.params(rank_ratio, scale)
+        compute_device = resolve_device(device)
+        merged: StateDict = {}
+        for key, avg in self.average.items():
+            dtype = self.dtypes[key]
+            if key in self.factors:
+                task_factors = self.factors[key]
+                k = rank_for(avg.shape, rank_ratio)
+                on_device = [f.to(compute_device) for f in task_factors]
+                update = low_rank_sum(on_device, k)
+                merged[key] = (avg.to(compute_device) + scale * update).to(dtype).cpu()
+            elif dtype.is_floating_point:
+                merged[key] = avg.to(dtype)
+            else:
+                merged[key] = avg.clone()
+        return merged
+
+    def num_bytes(self) -> int:
+        tensors = list(self.average.values())
+        for task_factors in self.factors.values():
+            for f in task_factors:
+                tensors += [f.u, f.s, f.vh]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def save(self, uri: str | os.PathLike) -> None:
+        """Write everything to one safetensors file at ``uri``."""
+        tensors: StateDict = {f"average/{k}": v for k, v in self.average.items()}
+        for key, task_factors in self.factors.items():
+            for t, f in enumerate(task_factors):
+                tensors[f"u/{t}/{key}"] = f.u
+                tensors[f"s/{t}/{key}"] = f.s
+                tensors[f"vh/{t}/{key}"] = f.vh
+        metadata = {
+            "format": FORMAT,
+            "num_tasks": str(self.num_tasks),
+            "max_rank_ratio": repr(self.max_rank_ratio),
+            "selection": self.selection.model_dump_json(),
+            "dtypes": json.dumps({k: str(d) for k, d in self.dtypes.items()}),
+        }
+        save_state_dict(tensors, uri, metadata)
+
+    @classmethod
+    def load(cls, uri: str | os.PathLike, cache: CheckpointCache | None = None) -> CartFactors:
+        with open_checkpoint(uri, cache) as reader:
+            meta = reader.metadata()
+            if meta.get("format") != FORMAT:
+                raise CheckpointError(
+                    f"{uri}: not a CART factors file (format {meta.get('format')!r})"
+                )
+            state = reader.to_state_dict()
+        num_tasks = int(meta["num_tasks"])
+        dtypes = {
+            k: _DTYPES.get(name) or getattr(torch, name.removeprefix("torch."))
+            for k, name in json.loads(meta["dtypes"]).items()
+        }
+        average = {k: state[f"average/{k}"] for k in dtypes}
+        factors = {
+            key: [
+                Factors(state[f"u/{t}/{key}"], state[f"s/{t}/{key}"], state[f"vh/{t}/{key}"])
+                for t in range(num_tasks)
+            ]
+            for key in dtypes
+            if f"u/0/{key}" in state
+        }
+        selection = LowRankSelection.model_validate_json(meta["selection"])
+        return cls(average, factors, dtypes, num_tasks, float(meta["max_rank_ratio"]), selection)

@@ -1,0 +1,129 @@
+"""The ``mergeflow`` command line, a thin layer over the library.
+
+    mergeflow merge --method cart --base BASE --finetuned A B C \\
+        --param rank_ratio=0.12 --param scale=1.0 --out OUT
+    mergeflow methods
+
+Bad input ends the command with exit status 2 and one line on stderr saying what is wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from mergeflow import __version__
+from mergeflow.errors import MergeflowError
+
+EXIT_BAD_INPUT = 2
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line: ``mergeflow merge: error: ...``."""
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _parse_param(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    return key.strip(), value.strip()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _OneLineParser(prog="mergeflow", description="Training-free model merging.")
+    parser.add_argument("--version", action="version", version=f"mergeflow {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
+
+    merge = commands.add_parser(
+        "merge",
+        help="merge fine-tuned checkpoints into one",
+        description="Merge fine-tuned checkpoints (safetensors or torch files, local paths "
+        "or s3:// URIs) and write the result as safetensors.",
+    )
+    merge.add_argument("--method", required=True, help="merge method (see `mergeflow methods`)")
+    merge.add_argument("--base", required=True, help="the pre-trained checkpoint they share")
+    merge.add_argument("--finetuned", required=True, nargs="+", metavar="CKPT")
+    merge.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        type=_parse_param,
+        metavar="KEY=VALUE",
+        help="a method parameter, repeatable (e.g. rank_ratio=0.12, scale=1.0)",
+    )
+    merge.add_argument("--out", required=True, help="where to write the merged safetensors")
+    merge.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda")
+    merge.add_argument(
+        "--cache-dir", help="cache for remote checkpoints (default: ~/.cache/mergeflow)"
+    )
+    merge.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+    commands.add_parser("methods", help="list the merge methods and their parameters")
+    return parser
+
+
+def _run_merge(args: argparse.Namespace) -> int:
+    from mergeflow.merge import merge_files
+    from mergeflow.storage import CheckpointCache
+
+    params: dict[str, str] = {}
+    for key, value in args.param:
+        if key in params:
+            raise MergeflowError(f"parameter {key!r} given twice")
+        params[key] = value
+    report = merge_files(
+        method=args.method,
+        base=args.base,
+        finetuned=args.finetuned,
+        params=params,
+        out=args.out,
+        device=args.device,
+        cache=CheckpointCache(args.cache_dir) if args.cache_dir else None,
+        progress=not args.quiet,
+    )
+    described = " ".join(
+        [report.method]
+        + [f"{k}={report.params[k]}" for k in ("rank_ratio", "scale") if k in report.params]
+    )
+    print(
+        f"wrote {report.out}: {described} merge of {len(args.finetuned)} checkpoints, "
+        f"{report.num_tensors} tensors, {report.num_bytes / 2**20:.1f} MiB, {report.seconds:.1f} s"
+    )
+    return 0
+
+
+def _run_methods() -> int:
+    from mergeflow.methods import METHODS
+
+    for name, method in sorted(METHODS.items()):
+        print(f"{name:18s} {method.summary}")
+        print(f"{'':18s} params: {method.describe_params()}")
+        print(f"{'':18s} {method.reference}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        if args.command == "merge":
+            return _run_merge(args)
+        return _run_methods()
+    except MergeflowError as exc:
+        print(f"mergeflow {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"mergeflow {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

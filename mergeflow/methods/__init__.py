@@ -1,0 +1,23 @@
+"""The registry of merge methods: one small module per method, listed here by name."""
+
+from __future__ import annotations
+
+from mergeflow.errors import ParameterError
+from mergeflow.methods import average, cart, task_arithmetic
+from mergeflow.methods.base import MergeMethod, MethodParams
+
+METHODS: dict[str, MergeMethod] = {
+    m.METHOD.name: m.METHOD for m in (average, task_arithmetic, cart)
+}
+
+
+def get_method(name: str) -> MergeMethod:
+    """The registered method called ``name``; the error lists the known ones."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        known = ", ".join(sorted(METHODS))
+        raise ParameterError(f"unknown merge method {name!r} (known: {known})") from None
+
+
+__all__ = ["METHODS", "MergeMethod", "MethodParams", "get_method"]

@@ -1,0 +1,97 @@
+"""CART: centered arithmetic with a low-rank approximation of each centered task vector.
+
+Choi et al., "Revisiting Weight Averaging for Model Merging" (2024).
+
+    θ_avg = mean_t θ_t,    τ̄_t = θ_t − θ_avg
+    θ     = θ_avg + λ · Σ_t SVD_k(τ̄_t)        for selected weight matrices
+    θ     = θ_avg                              for every other tensor
+
+with ``k = max(1, int(rank_ratio · min(m, n)))``. The centered vectors of a non-selected
+tensor sum to zero, so it ends at θ_avg; at full rank the selected ones do too, and CART is
+weight averaging. The base checkpoint plays no part in the result.
+
+To sweep many (rank_ratio, scale) points from one SVD per matrix and task, use
+:class:`mergeflow.cart_grid.CartFactors`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import torch
+from pydantic import Field, field_validator
+
+from mergeflow.methods.base import MergeMethod, MethodParams
+from mergeflow.svd import low_rank_sum, rank_for, truncated_svd
+
+DEFAULT_INCLUDE = ("attn", "mlp")
+DEFAULT_EXCLUDE = ("ln", "bias")
+
+
+class LowRankSelection(MethodParams):
+    """Which tensors get the low-rank treatment: 2-D tensors whose name matches at least one
+    ``include`` regex and no ``exclude`` regex (``re.search``; a comma-separated string is
+    accepted from the command line). The defaults pick open_clip's ``attn.in_proj_weight``,
+    ``attn.out_proj.weight``, ``mlp.c_fc.weight`` and ``mlp.c_proj.weight``."""
+
+    include: tuple[str, ...] = Field(DEFAULT_INCLUDE, description="regexes a low-rank key matches")
+    exclude: tuple[str, ...] = Field(DEFAULT_EXCLUDE, description="regexes a low-rank key avoids")
+
+    @field_validator("include", "exclude", mode="before")
+    @classmethod
+    def split_comma_separated(cls, value):
+        if isinstance(value, str):
+            return tuple(p.strip() for p in value.split(",") if p.strip())
+        return value
+
+    @field_validator("include", "exclude")
+    @classmethod
+    def check_regexes(cls, patterns: tuple[str, ...]) -> tuple[str, ...]:
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"invalid regex {pattern!r}: {exc}") from None
+        return patterns
+
+    def selects(self, key: str, shape: Sequence[int]) -> bool:
+        return (
+            len(shape) == 2
+            and any(re.search(p, key) for p in self.include)
+            and not any(re.search(p, key) for p in self.exclude)
+        )
+
+
+class CartParams(LowRankSelection):
+    rank_ratio: float = Field(
+        0.12, gt=0.0, le=1.0, description="fraction of min(m, n) singular triplets kept"
+    )
+    scale: float = Field(1.0, description="λ, the weight of the summed low-rank vectors")
+
+
+def centered(finetuned: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """θ_avg and the centered task vectors τ̄_t = θ_t − θ_avg (float32 in, float32 out)."""
+    average = torch.stack(list(finetuned)).mean(0)
+    return average, [theta - average for theta in finetuned]
+
+
+def merge_tensor(
+    key: str, finetuned: Sequence[torch.Tensor], base: torch.Tensor | None, params: CartParams
+) -> torch.Tensor:
+    average, task_vectors = centered(finetuned)
+    if not params.selects(key, average.shape):
+        return average
+    k = rank_for(average.shape, params.rank_ratio)
+    factors = [truncated_svd(tau, k) for tau in task_vectors]
+    return average + params.scale * low_rank_sum(factors, k)
+
+
+METHOD = MergeMethod(
+    name="cart",
+    summary="weight average plus scale times the rank-k parts of the centered task vectors",
+    reference="Choi et al., Revisiting Weight Averaging for Model Merging, 2024",
+    params=CartParams,
+    merge_tensor=merge_tensor,
+    uses_base=False,
+)

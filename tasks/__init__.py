@@ -1,0 +1,1 @@
+"""Prefect tasks: thin wrappers over the mergeflow library (retries on I/O only)."""

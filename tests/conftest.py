@@ -1,0 +1,103 @@
+"""Shared fixtures: tiny real open_clip image towers and a real S3 endpoint (moto's server)."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+
+import pytest
+import torch
+
+
+def tiny_tower_state(seed: int = 0, width: int = 32, layers: int = 2) -> dict[str, torch.Tensor]:
+    """The state dict of a real (tiny) open_clip VisionTransformer, with CLIP's ``visual.``
+    prefix, so parameter names are exactly open_clip's."""
+    from open_clip.transformer import VisionTransformer
+
+    torch.manual_seed(seed)
+    tower = VisionTransformer(
+        image_size=16,
+        patch_size=8,
+        width=width,
+        layers=layers,
+        heads=2,
+        mlp_ratio=2.0,
+        output_dim=16,
+    )
+    return {f"visual.{k}": v.detach().clone() for k, v in tower.state_dict().items()}
+
+
+def finetune_like(base: dict[str, torch.Tensor], num_tasks: int, seed: int = 1, strength=0.05):
+    """``num_tasks`` copies of ``base``, each moved by its own task vector: a low-rank part
+    on matrices (as fine-tuning tends to give) plus small dense noise everywhere."""
+    gen = torch.Generator().manual_seed(seed)
+    models = []
+    for _ in range(num_tasks):
+        model = {}
+        for key, value in base.items():
+            delta = strength * 0.2 * torch.randn(value.shape, generator=gen)
+            if value.ndim == 2:
+                m, n = value.shape
+                r = max(1, min(m, n) // 4)
+                left = torch.randn(m, r, generator=gen)
+                right = torch.randn(r, n, generator=gen)
+                delta = delta + strength * (left @ right) / r
+            model[key] = (value.float() + delta).to(value.dtype)
+        models.append(model)
+    return models
+
+
+@pytest.fixture(scope="session")
+def tower():
+    return tiny_tower_state(seed=0)
+
+
+@pytest.fixture(scope="session")
+def family(tower):
+    """A base tower and four fine-tuned copies."""
+    return tower, finetune_like(tower, num_tasks=4)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """moto's S3 server on 127.0.0.1 with fake credentials in the environment."""
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing-key-id",
+        "AWS_SECRET_ACCESS_KEY": "testing-secret",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield endpoint
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture
+def bucket(s3_endpoint, request):
+    """A fresh bucket per test."""
+    import boto3
+
+    name = "mf-" + re.sub(r"[^a-z0-9]+", "-", request.node.name.lower())[:40].strip("-")
+    client = boto3.client("s3", endpoint_url=s3_endpoint)
+    client.create_bucket(Bucket=name)
+    return name

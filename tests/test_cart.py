@@ -1,0 +1,174 @@
+import pytest
+import torch
+from conftest import finetune_like, tiny_tower_state
+
+from mergeflow import ParameterError
+from mergeflow.cart_grid import CartFactors
+from mergeflow.checkpoints import StateDictReader
+from mergeflow.merge import merge_readers
+from mergeflow.methods.cart import CartParams, LowRankSelection
+from mergeflow.statedict import mean
+from mergeflow.svd import rank_for
+
+OPEN_CLIP_LOW_RANK = {
+    "attn.in_proj_weight",
+    "attn.out_proj.weight",
+    "mlp.c_fc.weight",
+    "mlp.c_proj.weight",
+}
+
+
+def readers(states):
+    return [StateDictReader(s, f"task{i}") for i, s in enumerate(states)]
+
+
+def cart(states, **params):
+    return merge_readers("cart", readers(states), params=params, device="cpu")
+
+
+def reference_cart(states, rank_ratio, scale, selected):
+    """CART written out from the paper with an independent SVD per task vector."""
+    out = {}
+    for key in states[0]:
+        stacked = torch.stack([s[key].double() for s in states])
+        avg = stacked.mean(0)
+        if key in selected:
+            k = max(1, int(rank_ratio * min(avg.shape)))
+            update = torch.zeros_like(avg)
+            for tau in stacked - avg:
+                u, s, vh = torch.linalg.svd(tau)
+                update += u[:, :k] @ torch.diag(s[:k]) @ vh[:k, :]
+            avg = avg + scale * update
+        out[key] = avg
+    return out
+
+
+def test_default_selection_is_open_clips_attention_and_mlp_matrices(tower):
+    selection = LowRankSelection()
+    chosen = {key for key, t in tower.items() if selection.selects(key, t.shape)}
+    suffixes = {key.split(".", 4)[-1] for key in chosen}
+    assert suffixes == OPEN_CLIP_LOW_RANK
+    assert len(chosen) == 4 * 2  # four matrices in each of two blocks
+    assert "visual.proj" not in chosen and "visual.conv1.weight" not in chosen
+
+
+def test_selection_patterns_are_configurable(tower):
+    only_mlp = LowRankSelection(include="mlp.c_fc", exclude=())
+    chosen = {key for key, t in tower.items() if only_mlp.selects(key, t.shape)}
+    assert chosen == {f"visual.transformer.resblocks.{i}.mlp.c_fc.weight" for i in range(2)}
+    with pytest.raises(ParameterError, match="include"):
+        merge_readers("cart", readers([tower, tower]), params={"include": "("})
+
+
+def test_full_rank_cart_equals_weight_averaging(family):
+    _, tuned = family
+    merged = cart(tuned, rank_ratio=1.0, scale=1.0)
+    averaged = mean(tuned)
+    for key in averaged:
+        torch.testing.assert_close(merged[key], averaged[key], rtol=1e-5, atol=1e-6)
+
+
+def test_centered_vectors_of_non_matrix_tensors_sum_to_zero(family):
+    _, tuned = family
+    avg = mean(tuned)
+    selection = LowRankSelection()
+    others = [k for k, t in avg.items() if not selection.selects(k, t.shape)]
+    assert others
+    for key in others:
+        centered_sum = sum(t[key].double() - avg[key].double() for t in tuned)
+        assert centered_sum.abs().max().item() < 1e-6
+    merged = cart(tuned, rank_ratio=0.25, scale=1.7)
+    for key in others:
+        torch.testing.assert_close(merged[key], avg[key])
+
+
+@pytest.mark.parametrize("rank_ratio,scale", [(0.1, 1.0), (0.25, 0.6), (0.5, 2.0)])
+def test_low_rank_truncation_matches_a_direct_svd(family, rank_ratio, scale):
+    _, tuned = family
+    selection = LowRankSelection()
+    selected = {k for k, t in tuned[0].items() if selection.selects(k, t.shape)}
+    expected = reference_cart(tuned, rank_ratio, scale, selected)
+    merged = cart(tuned, rank_ratio=rank_ratio, scale=scale)
+    for key in selected:
+        torch.testing.assert_close(merged[key].double(), expected[key], rtol=1e-4, atol=1e-5)
+    # the truncation is real: low rank differs from averaging on the selected matrices
+    avg = mean(tuned)
+    assert any(not torch.allclose(merged[k], avg[k], atol=1e-4) for k in selected)
+
+
+def test_rank_formula():
+    assert rank_for((96, 32), 0.1) == 3
+    assert rank_for((96, 32), 0.01) == 1
+    assert rank_for((768, 3072), 0.12) == int(0.12 * 768)
+    assert rank_for((64, 64), 1.0) == 64
+
+
+def test_grid_point_equals_a_direct_merge(family):
+    _, tuned = family
+    factors = CartFactors.factorize(tuned, max_rank_ratio=0.5, device="cpu")
+    for rank_ratio, scale in [(0.5, 1.0), (0.25, 0.3), (0.1, 1.5)]:
+        from_grid = factors.merge(rank_ratio, scale, device="cpu")
+        direct = cart(tuned, rank_ratio=rank_ratio, scale=scale)
+        assert from_grid.keys() == direct.keys()
+        for key in direct:
+            torch.testing.assert_close(from_grid[key], direct[key], rtol=1e-6, atol=1e-7)
+
+
+def test_grid_does_not_run_another_svd(family, monkeypatch):
+    _, tuned = family
+    factors = CartFactors.factorize(tuned, max_rank_ratio=0.5, device="cpu")
+
+    def no_svd(*args, **kwargs):
+        raise AssertionError("the grid ran an SVD")
+
+    monkeypatch.setattr(torch.linalg, "svd", no_svd)
+    merged = factors.merge(0.25, 1.0, device="cpu")
+    assert len(merged) == len(tuned[0])
+
+
+def test_grid_refuses_ranks_it_did_not_factorize(family):
+    _, tuned = family
+    factors = CartFactors.factorize(tuned, max_rank_ratio=0.25, device="cpu")
+    with pytest.raises(ParameterError, match="max_rank_ratio"):
+        factors.merge(0.5)
+    with pytest.raises(ParameterError, match="rank_ratio"):
+        factors.merge(0.0)
+
+
+def test_factors_round_trip_through_a_file(family, tmp_path):
+    _, tuned = family
+    factors = CartFactors.factorize(tuned, max_rank_ratio=0.3, device="cpu")
+    path = tmp_path / "factors.safetensors"
+    factors.save(path)
+    loaded = CartFactors.load(path)
+    assert loaded.num_tasks == len(tuned) and loaded.max_rank_ratio == 0.3
+    a, b = factors.merge(0.2, 0.8, device="cpu"), loaded.merge(0.2, 0.8, device="cpu")
+    for key in a:
+        assert torch.equal(a[key], b[key])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_dtype_round_trip(dtype):
+    base = {k: v.to(dtype) for k, v in tiny_tower_state(seed=3).items()}
+    tuned = finetune_like(base, num_tasks=3, seed=4)
+    assert all(t.dtype == dtype for t in tuned[0].values())
+    merged = cart(tuned, rank_ratio=0.25, scale=1.0)
+    assert all(merged[k].dtype == dtype for k in merged)
+    # fp32 compute: the result equals the fp32 computation rounded once to the dtype
+    selection = LowRankSelection()
+    selected = {k for k, t in tuned[0].items() if selection.selects(k, t.shape)}
+    expected = reference_cart(tuned, 0.25, 1.0, selected)
+    for key in selected:
+        torch.testing.assert_close(merged[key], expected[key].to(dtype), rtol=0, atol=0.02)
+    grid = CartFactors.factorize(tuned, max_rank_ratio=0.25, device="cpu").merge(0.25, 1.0)
+    for key in merged:
+        assert grid[key].dtype == dtype
+        assert torch.equal(grid[key], merged[key])
+
+
+def test_cart_params_validate_rank_ratio():
+    with pytest.raises(ValueError):
+        CartParams(rank_ratio=1.5)
+    with pytest.raises(ValueError):
+        CartParams(rank_ratio=0)
+    assert CartParams(rank_ratio="0.5", include="attn,mlp").include == ("attn", "mlp")

@@ -1,0 +1,223 @@
+"""`mergeflow merge` end to end, as users and outside checks call it."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from test_cart import reference_cart
+
+from mergeflow.checkpoints import load_state_dict, save_state_dict
+from mergeflow.cli import main
+from mergeflow.statedict import mean
+
+
+@pytest.fixture
+def checkpoints(family, tmp_path):
+    base, tuned = family
+    base_path = tmp_path / "base.safetensors"
+    save_state_dict(base, base_path)
+    paths = []
+    for i, state in enumerate(tuned[:3]):
+        paths.append(tmp_path / f"task{i}.safetensors")
+        save_state_dict(state, paths[-1])
+    return base, tuned[:3], str(base_path), [str(p) for p in paths]
+
+
+def run_cli(*args, env=None):
+    return subprocess.run(
+        [sys.executable, "-m", "mergeflow", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=300,
+    )
+
+
+def test_cart_merge_end_to_end(checkpoints, tmp_path):
+    base, tuned, base_path, paths = checkpoints
+    out = tmp_path / "merged" / "cart.safetensors"
+    result = run_cli(
+        "merge",
+        "--method",
+        "cart",
+        "--base",
+        base_path,
+        "--finetuned",
+        *paths,
+        "--param",
+        "rank_ratio=0.25",
+        "--param",
+        "scale=0.8",
+        "--out",
+        str(out),
+        "--quiet",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "cart rank_ratio=0.25 scale=0.8" in result.stdout
+    merged = load_state_dict(out)
+    selected = {k for k in merged if "attn" in k or "mlp" in k}
+    selected = {k for k in selected if "bias" not in k and "ln" not in k and merged[k].ndim == 2}
+    expected = reference_cart(tuned, 0.25, 0.8, selected)
+    for key in merged:
+        torch.testing.assert_close(merged[key].double(), expected[key], rtol=1e-4, atol=1e-5)
+
+
+def test_average_and_task_arithmetic_end_to_end(checkpoints, tmp_path):
+    base, tuned, base_path, paths = checkpoints
+    out_avg, out_ta = tmp_path / "avg.safetensors", tmp_path / "ta.safetensors"
+    r1 = run_cli(
+        "merge",
+        "--method",
+        "average",
+        "--base",
+        base_path,
+        "--finetuned",
+        *paths,
+        "--out",
+        str(out_avg),
+        "-q",
+    )
+    r2 = run_cli(
+        "merge",
+        "--method",
+        "task_arithmetic",
+        "--base",
+        base_path,
+        "--finetuned",
+        *paths,
+        "--param",
+        "scale=0.5",
+        "--out",
+        str(out_ta),
+        "-q",
+    )
+    assert r1.returncode == 0 and r2.returncode == 0, r1.stderr + r2.stderr
+    averaged = load_state_dict(out_avg)
+    for key, value in mean(tuned).items():
+        torch.testing.assert_close(averaged[key], value)
+    arithmetic = load_state_dict(out_ta)
+    for key in base:
+        expected = base[key] + 0.5 * sum(t[key] - base[key] for t in tuned)
+        torch.testing.assert_close(arithmetic[key], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_merge_over_s3(checkpoints, bucket, tmp_path):
+    base, tuned, base_path, paths = checkpoints
+    uris = []
+    for path in [base_path, *paths]:
+        uri = f"s3://{bucket}/zoo/{os.path.basename(path)}"
+        save_state_dict(load_state_dict(path), uri)
+        uris.append(uri)
+    out = f"s3://{bucket}/merged/cart.safetensors"
+    env = {"MERGEFLOW_CACHE_DIR": str(tmp_path / "cache")}
+    result = run_cli(
+        "merge",
+        "--method",
+        "cart",
+        "--base",
+        uris[0],
+        "--finetuned",
+        *uris[1:],
+        "--param",
+        "rank_ratio=1.0",
+        "--out",
+        out,
+        "-q",
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr
+    merged = load_state_dict(out)
+    for key, value in mean(tuned).items():  # full-rank CART is weight averaging
+        torch.testing.assert_close(merged[key], value, rtol=1e-5, atol=1e-6)
+
+
+def run_main(argv):
+    """``main``'s exit status, whether it returns it or argparse exits with it."""
+    try:
+        return main(argv)
+    except SystemExit as exc:
+        return exc.code
+
+
+@pytest.mark.parametrize(
+    "extra,reason",
+    [
+        (
+            ["--method", "slerp"],
+            r"unknown merge method 'slerp' \(known: average, cart, task_arithmetic\)",
+        ),
+        (["--method", "cart", "--param", "rank=0.1"], r"method 'cart' has no parameter 'rank'"),
+        (["--method", "cart", "--param", "rank_ratio=1.5"], r"parameter 'rank_ratio'.*1\.5"),
+        (["--method", "cart", "--param", "rank_ratio=abc"], r"parameter 'rank_ratio'.*abc"),
+        (["--method", "task_arithmetic", "--param", "scale"], r"expected key=value"),
+        (["--method", "cart", "--param", "scale=1", "--param", "scale=2"], r"'scale' given twice"),
+    ],
+)
+def test_bad_parameters_exit_with_one_line(checkpoints, tmp_path, capsys, extra, reason):
+    _, _, base_path, paths = checkpoints
+    out = tmp_path / "never.safetensors"
+    code = run_main(
+        ["merge", "--base", base_path, "--finetuned", *paths, "--out", str(out), *extra]
+    )
+    err = capsys.readouterr().err
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1, err
+    assert re.search(reason, err), err
+    assert not out.exists()
+
+
+def test_mismatched_checkpoint_names_file_and_key(checkpoints, tmp_path):
+    base, tuned, base_path, paths = checkpoints
+    bad = dict(tuned[0])
+    bad["visual.proj"] = torch.zeros(16, 32)
+    bad_path = tmp_path / "wrong_shape.safetensors"
+    save_state_dict(bad, bad_path)
+    out = tmp_path / "never.safetensors"
+    result = run_cli(
+        "merge",
+        "--method",
+        "average",
+        "--base",
+        base_path,
+        "--finetuned",
+        paths[0],
+        str(bad_path),
+        "--out",
+        str(out),
+    )
+    assert result.returncode == 2
+    line = result.stderr.strip()
+    assert len(line.splitlines()) == 1
+    assert "wrong_shape.safetensors" in line and "'visual.proj'" in line
+    assert not out.exists()
+
+
+def test_missing_checkpoint_is_named(checkpoints, tmp_path, capsys):
+    _, _, base_path, paths = checkpoints
+    code = run_main(
+        [
+            "merge",
+            "--method",
+            "average",
+            "--base",
+            base_path,
+            "--finetuned",
+            paths[0],
+            str(tmp_path / "absent.safetensors"),
+            "--out",
+            str(tmp_path / "o.safetensors"),
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "absent.safetensors: no such file" in err
+
+
+def test_methods_lists_every_registered_method(capsys):
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    for name in ("average", "task_arithmetic", "cart"):
+        assert name in out
+    assert "rank_ratio" in out
