@@ -30,9 +30,11 @@ def merge_checkpoints_flow(
 ) -> dict:
     """Merge fine-tuned checkpoints into one and write it as safetensors."""
     get_method(method).parse_params(params)  # fail before any download
-    fetched = [fetch_checkpoint.submit(uri, cache_dir) for uri in [base, *finetuned]]
-    paths = [f.result()["path"] for f in fetched]
-    report = merge_checkpoints(method, paths[0], paths[1:], params or {}, out, device, cache_dir)
-    report["sources"] = {f.result()["uri"]: f.result()["sha256"] for f in fetched}
+    # Fetching first gives each download its retries and records the digests; the merge
+    # then reads the same URIs from the cache (one metadata request each, no bytes).
+    futures = [fetch_checkpoint.submit(uri, cache_dir) for uri in [base, *finetuned]]
+    fetched = [future.result() for future in futures]
+    report = merge_checkpoints(method, base, finetuned, params or {}, out, device, cache_dir)
+    report["sources"] = {f["uri"]: f["sha256"] for f in fetched}
     print(f"wrote {out} ({report['num_tensors']} tensors, {report['seconds']:.1f} s)")
     return report

@@ -21,7 +21,7 @@ import os
 import pickle
 import posixpath
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -327,8 +327,3 @@ def save_state_dict(
             save_file(tensors, str(tmp), metadata=dict(metadata or {}))
         except (SafetensorError, ValueError, RuntimeError) as exc:
             raise CheckpointError(f"{uri}: cannot write safetensors ({exc})") from None
-
-
-def iter_tensors(reader: CheckpointReader) -> Iterator[tuple[str, torch.Tensor]]:
-    for key in reader.layout():
-        yield key, reader.get(key)

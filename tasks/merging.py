@@ -7,13 +7,10 @@ from dataclasses import asdict
 from prefect import task
 
 from mergeflow.merge import merge_files
+from mergeflow.storage import CheckpointCache
 
 
-@task(
-    name="merge checkpoints",
-    task_run_name="merge {method} into {out}",
-    tags=["gpu"],
-)
+@task(name="merge checkpoints", task_run_name="merge {method} into {out}", tags=["gpu"])
 def merge_checkpoints(
     method: str,
     base: str,
@@ -23,9 +20,7 @@ def merge_checkpoints(
     device: str = "auto",
     cache_dir: str | None = None,
 ) -> dict:
-    """Merge checkpoints given as local paths (already fetched) and write ``out``."""
-    from mergeflow.storage import CheckpointCache
-
+    """Merge the checkpoints at these URIs (read through the cache) and write ``out``."""
     report = merge_files(
         method, base, finetuned, params, out, device=device, cache=CheckpointCache(cache_dir)
     )

@@ -50,8 +50,11 @@ def test_missing_checkpoint_is_not_retried(prefect_harness, bucket, tmp_path):
     @flow
     def fetch_one(uri: str) -> dict:
         state = fetch_checkpoint(uri, str(tmp_path), return_state=True)
-        return {"failed": state.is_failed(), "message": state.message,
-                "task_run_id": state.state_details.task_run_id}
+        return {
+            "failed": state.is_failed(),
+            "message": state.message,
+            "task_run_id": state.state_details.task_run_id,
+        }
 
     outcome = fetch_one(f"s3://{bucket}/absent.safetensors")
     assert outcome["failed"]
