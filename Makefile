@@ -22,6 +22,7 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1 -c constraints.txt
 	$(PY) -m pip install --quiet -r requirements.txt -c constraints.txt
+	$(PY) -m pip install --quiet --no-deps animal-mnist -c constraints.txt
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
 

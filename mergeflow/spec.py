@@ -1,0 +1,168 @@
+"""The merge spec: everything one pipeline run needs, as a frozen pydantic model.
+
+It is the flow's parameter (so the Prefect UI renders it as a form) and loads from YAML.
+Validation happens before any download, and every error names the field at fault, e.g.
+``tasks.2.templates: each template needs a '{c}' for the class name``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mergeflow.errors import ParameterError
+
+BASELINES = ("average", "task_arithmetic", "finetuned", "zeroshot")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class DatasetSpec(_Frozen):
+    """Where a task's images and labels live and which splits to use."""
+
+    uri: str = Field(
+        description="parquet file or folder (with one SPLIT.parquet per split), an "
+        "imagefolder directory, an s3:// URI to either, or a Hugging Face hub id"
+    )
+    format: Literal["auto", "parquet", "imagefolder", "hub"] = Field(
+        "auto", description="how to read uri; auto guesses from it"
+    )
+    selection_split: str = Field("validation", description="split that picks the grid point")
+    report_split: str = Field("test", description="split of the final comparison")
+    image_column: str = "image"
+    label_column: str = "label"
+    max_samples: int | None = Field(
+        None, gt=0, description="evaluate on at most this many samples per split"
+    )
+
+
+class TaskSpec(_Frozen):
+    name: str = Field(description="short identifier of the task, e.g. mnist")
+    checkpoint: str = Field(description="URI of the checkpoint fine-tuned on this task")
+    dataset: DatasetSpec
+    classes: tuple[str, ...] | None = Field(
+        None, description="class names in label order; default: the dataset's label names"
+    )
+    templates: tuple[str, ...] = Field(
+        ("a photo of a {c}.",), min_length=1, description="prompt templates, '{c}' = class"
+    )
+
+    @field_validator("name")
+    @classmethod
+    def check_name(cls, name: str) -> str:
+        if not _NAME.match(name):
+            raise ValueError("use letters, digits, '_', '.', '-' (starting with a letter or digit)")
+        return name
+
+    @field_validator("templates")
+    @classmethod
+    def check_templates(cls, templates: tuple[str, ...]) -> tuple[str, ...]:
+        for template in templates:
+            if "{c}" not in template:
+                raise ValueError(f"each template needs a '{{c}}' for the class name: {template!r}")
+        return templates
+
+    @field_validator("classes")
+    @classmethod
+    def check_classes(cls, classes):
+        if classes is not None:
+            if len(classes) < 2:
+                raise ValueError("a classification task needs at least two classes")
+            if len(set(classes)) != len(classes):
+                raise ValueError("class names must be distinct")
+        return classes
+
+
+class GridSpec(_Frozen):
+    rank_ratios: tuple[float, ...] = Field(
+        (0.04, 0.08, 0.12, 0.16), min_length=1, description="CART rank ratios, each in (0, 1]"
+    )
+    scales: tuple[float, ...] = Field(
+        (1.0, 1.5), min_length=1, description="CART scales λ (weights of the low-rank sum)"
+    )
+
+    @field_validator("rank_ratios")
+    @classmethod
+    def check_ratios(cls, ratios: tuple[float, ...]) -> tuple[float, ...]:
+        for r in ratios:
+            if not 0 < r <= 1:
+                raise ValueError(f"rank ratio {r} is outside (0, 1]")
+        return tuple(sorted(set(ratios)))
+
+    @field_validator("scales")
+    @classmethod
+    def check_scales(cls, scales: tuple[float, ...]) -> tuple[float, ...]:
+        return tuple(sorted(set(scales)))
+
+    def points(self) -> list[tuple[float, float]]:
+        return [(r, s) for r in self.rank_ratios for s in self.scales]
+
+
+class MergeSpec(_Frozen):
+    """One merge pipeline run."""
+
+    model: str = Field(description="open_clip model config name, e.g. ViT-B-32")
+    base: str = Field(description="URI of the pre-trained checkpoint the tasks started from")
+    tasks: tuple[TaskSpec, ...] = Field(min_length=2, description="the fine-tuned tasks")
+    grid: GridSpec = GridSpec()
+    baselines: tuple[Literal[BASELINES], ...] = Field(  # type: ignore[valid-type]
+        BASELINES, description="what to score beside the merged model on the report split"
+    )
+    task_arithmetic_scale: float = Field(0.3, description="λ of the task-arithmetic baseline")
+    registered_model: str = Field(description="MLflow registered-model name")
+    device: str = Field("auto", description="auto (CUDA when present), cpu or cuda")
+    batch_size: int = Field(256, gt=0, description="evaluation batch size")
+
+    @field_validator("model")
+    @classmethod
+    def check_model(cls, model: str) -> str:
+        from mergeflow.models import known_model_configs
+
+        if model not in known_model_configs():
+            raise ValueError(f"unknown open_clip model config {model!r}")
+        return model
+
+    @model_validator(mode="after")
+    def check_tasks_distinct(self) -> MergeSpec:
+        names = [t.name for t in self.tasks]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"task names must be distinct: {', '.join(dupes)} repeated")
+        checkpoints = [t.checkpoint for t in self.tasks]
+        if len(set(checkpoints)) != len(checkpoints):
+            raise ValueError("two tasks name the same checkpoint")
+        return self
+
+    @classmethod
+    def parse(cls, data: dict, source: str = "spec") -> MergeSpec:
+        """Validate ``data``; the error names the first offending field."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = ".".join(str(p) for p in err["loc"]) or "spec"
+            msg = err["msg"].removeprefix("Value error, ")
+            raise ParameterError(f"{source}: {where}: {msg}") from None
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> MergeSpec:
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f)
+        except OSError as exc:
+            raise ParameterError(f"{path}: cannot read spec ({exc.strerror})") from None
+        except yaml.YAMLError as exc:
+            raise ParameterError(f"{path}: not valid YAML ({exc})") from None
+        if not isinstance(data, dict):
+            raise ParameterError(f"{path}: a spec is a mapping of fields")
+        return cls.parse(data, str(path))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,72 @@
+import pytest
+
+from mergeflow import ParameterError
+from mergeflow.spec import MergeSpec
+
+
+def spec_dict(**overrides):
+    data = {
+        "model": "mergeflow-tiny-vit",
+        "base": "s3://zoo/base.safetensors",
+        "tasks": [
+            {
+                "name": name,
+                "checkpoint": f"s3://zoo/{name}.safetensors",
+                "dataset": {"uri": f"s3://zoo/data/{name}"},
+                "classes": ["a", "b", "c"],
+                "templates": ["a photo of {c}."],
+            }
+            for name in ("mnist", "shapes", "letters")
+        ],
+        "grid": {"rank_ratios": [0.16, 0.04, 0.08], "scales": [1.0]},
+        "registered_model": "zoo-merged",
+    }
+    data.update(overrides)
+    return data
+
+
+def test_round_trips_through_yaml(tmp_path):
+    spec = MergeSpec.parse(spec_dict())
+    assert spec.grid.rank_ratios == (0.04, 0.08, 0.16)
+    path = tmp_path / "spec.yaml"
+    path.write_text(spec.to_yaml())
+    assert MergeSpec.from_yaml(path) == spec
+    assert len(spec.grid.points()) == 3
+
+
+def _task(i, **changes):
+    data = spec_dict()
+    data["tasks"][i].update(changes)
+    return data
+
+
+@pytest.mark.parametrize(
+    "data,field",
+    [
+        (spec_dict(model="ViT-Q-99"), r"model: unknown open_clip model config 'ViT-Q-99'"),
+        (spec_dict(grid={"rank_ratios": [0.1, 1.5]}), r"grid\.rank_ratios: rank ratio 1\.5"),
+        (spec_dict(grid={"rank_ratios": [0.0]}), r"grid\.rank_ratios: rank ratio 0\.0"),
+        (spec_dict(grid={"rank_ratios": []}), r"grid\.rank_ratios"),
+        (spec_dict(grid={"scales": []}), r"grid\.scales"),
+        (spec_dict(baselines=["average", "magic"]), r"baselines\.1"),
+        (spec_dict(colour="red"), r"colour"),
+        (_task(1, templates=["no placeholder"]), r"tasks\.1\.templates: .*'\{c\}'"),
+        (_task(0, classes=["a", "a"]), r"tasks\.0\.classes: class names must be distinct"),
+        (_task(2, name="bad name!"), r"tasks\.2\.name"),
+        (_task(2, name="mnist"), r"task names must be distinct: mnist"),
+        (spec_dict(tasks=spec_dict()["tasks"][:1]), r"tasks: .*at least 2"),
+        (spec_dict(registered_model=None), r"registered_model"),
+    ],
+)
+def test_invalid_specs_name_the_field(data, field):
+    with pytest.raises(ParameterError, match=field):
+        MergeSpec.parse(data)
+
+
+def test_yaml_errors_name_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ParameterError, match=r"bad\.yaml: not valid YAML"):
+        MergeSpec.from_yaml(bad)
+    with pytest.raises(ParameterError, match=r"absent\.yaml: cannot read"):
+        MergeSpec.from_yaml(tmp_path / "absent.yaml")
