@@ -64,6 +64,16 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     commands.add_parser("methods", help="list the merge methods and their parameters")
+
+    run = commands.add_parser(
+        "run",
+        help="run the merge pipeline on a spec (Prefect flow)",
+        description="Fetch the spec's checkpoints, sweep CART over its grid, score every point "
+        "on every task, compare with the baselines and register the winner in MLflow "
+        "(MLFLOW_TRACKING_URI). Runs the Prefect flow 'merge-pipeline'.",
+    )
+    run.add_argument("spec", help="merge spec, a YAML file")
+    run.add_argument("--cache-dir", help="local cache (default: ~/.cache/mergeflow)")
     return parser
 
 
@@ -97,6 +107,24 @@ def _run_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_pipeline(args: argparse.Namespace) -> int:
+    from importlib.metadata import entry_points
+
+    from mergeflow.spec import MergeSpec
+
+    MergeSpec.from_yaml(args.spec)  # fail on a bad spec before starting any orchestration
+    runners = entry_points(group="mergeflow.runners", name="pipeline")
+    if not runners:
+        raise MergeflowError("the pipeline runner is not installed (pip install -e . in the repo)")
+    result = next(iter(runners)).load()(args.spec, args.cache_dir)
+    registration = result["registration"]
+    print(
+        f"registered models:/{registration['name']}/{registration['version']} "
+        f"({', '.join(registration['aliases'])})"
+    )
+    return 0
+
+
 def _run_methods() -> int:
     from mergeflow.methods import METHODS
 
@@ -116,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "merge":
             return _run_merge(args)
+        if args.command == "run":
+            return _run_pipeline(args)
         return _run_methods()
     except MergeflowError as exc:
         print(f"mergeflow {args.command}: error: {exc}", file=sys.stderr)

@@ -101,3 +101,12 @@ def bucket(s3_endpoint, request):
     client = boto3.client("s3", endpoint_url=s3_endpoint)
     client.create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """A real temporary Prefect API (SQLite) for the whole session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield

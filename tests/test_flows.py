@@ -1,19 +1,10 @@
 """The merge flow under Prefect's test harness (a real, temporary Prefect API)."""
 
-import pytest
 import torch
 
 from mergeflow.checkpoints import load_state_dict, save_state_dict
 from mergeflow.statedict import mean
 from mergeflow.storage import file_sha256
-
-
-@pytest.fixture(scope="module")
-def prefect_harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
 
 
 def test_merge_flow_fetches_from_s3_and_writes(prefect_harness, family, bucket, tmp_path):

@@ -1,0 +1,65 @@
+"""The MLflow pyfunc model of a merged CLIP: logged as code (see mergeflow.registry).
+
+``predict`` takes a DataFrame with a ``task`` column and an ``image`` column (PNG/JPEG
+bytes, ``{"bytes": ...}`` dicts, or H×W(×C) uint8 arrays) and returns, per row, the index
+and name of the predicted class.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import mlflow
+import torch
+from mlflow.models import set_model
+
+
+def _to_pil(value):
+    from PIL import Image
+
+    if isinstance(value, (bytes, bytearray)):
+        return Image.open(io.BytesIO(value))
+    if isinstance(value, dict) and "bytes" in value:
+        return Image.open(io.BytesIO(value["bytes"]))
+    import numpy as np
+
+    return Image.fromarray(np.asarray(value, dtype=np.uint8))
+
+
+class MergedClip(mlflow.pyfunc.PythonModel):
+    def load_context(self, context):
+        from safetensors.torch import load_file
+
+        from mergeflow.models import create_model, image_transform
+
+        meta = json.loads(Path(context.artifacts["meta"]).read_text())
+        self.classes = {task: tuple(names) for task, names in meta["classes"].items()}
+        self.model = create_model(meta["model"], load_file(context.artifacts["weights"]))
+        self.heads = load_file(context.artifacts["heads"])
+        self.transform = image_transform(self.model)
+
+    def predict(self, context, model_input, params=None):
+        import pandas as pd
+
+        from mergeflow.models import classify
+
+        unknown = set(model_input["task"]) - set(self.heads)
+        if unknown:
+            known = ", ".join(sorted(self.heads))
+            raise ValueError(f"unknown task {sorted(unknown)[0]!r} (this model knows: {known})")
+        index = [0] * len(model_input)
+        names = [""] * len(model_input)
+        positions = {label: i for i, label in enumerate(model_input.index)}
+        for task, group in model_input.groupby("task", sort=False):
+            images = torch.stack([self.transform(_to_pil(v)) for v in group["image"]])
+            with torch.no_grad():
+                predicted = classify(self.model, self.heads[task], images).argmax(1).tolist()
+            for label, p in zip(group.index, predicted, strict=True):
+                index[positions[label]] = p
+                names[positions[label]] = self.classes[task][p]
+        return pd.DataFrame({"label_index": index, "label": names}, index=model_input.index)
+
+
+set_model(MergedClip())

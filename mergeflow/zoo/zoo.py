@@ -1,0 +1,277 @@
+"""Build the offline benchmark zoo once: data, a pretrained tiny CLIP, one checkpoint per task.
+
+Layout of a built zoo folder (and of its copy on S3)::
+
+    zoo.json                      what was built, with which settings
+    base.safetensors              the pretrained tiny open_clip model (image + text towers)
+    checkpoints/TASK.safetensors  the base with its image tower fine-tuned on TASK
+    data/TASK/SPLIT.parquet       train / validation / test, PNG images + ClassLabel labels
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import multiprocessing
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from mergeflow.checkpoints import load_state_dict, save_state_dict
+from mergeflow.models import create_model, tokenizer_for, zero_shot_head
+from mergeflow.zoo import sources
+from mergeflow.zoo.build import split_indices, write_split
+from mergeflow.zoo.train import accuracy, as_model_input, finetune_image_tower, pretrain
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TASKS = ("mnist", "digits", "animals", "letters", "fonts", "textures", "textiles", "shapes")
+
+
+class ZooConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    tasks: tuple[str, ...] = Field(DEFAULT_TASKS, min_length=2)
+    model: str = "mergeflow-tiny-vit"
+    test_size: int = 400
+    validation_size: int = 200
+    pretrain_steps: int = 300
+    pretrain_fraction: float = Field(0.5, description="share of each train split captioned")
+    finetune_steps: int = 300
+    finetune_lr: float = 1e-3
+    max_per_task: int | None = Field(None, description="cap on images per task (tests)")
+    workers: int = 2
+    seed: int = 0
+
+    def digest(self) -> str:
+        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
+
+
+def _load_tasks(config: ZooConfig, say: Callable[[str], None]) -> list[sources.TaskData]:
+    loaded = []
+    for name in config.tasks:
+        try:
+            task = sources.SOURCES[name]()
+        except sources.SourceUnavailable as exc:
+            say(f"  skipping task {name}: {exc}")
+            continue
+        if config.max_per_task and len(task.labels) > config.max_per_task:
+            keep = np.random.default_rng(config.seed).permutation(len(task.labels))
+            keep = np.sort(keep[: config.max_per_task])
+            task = sources.TaskData(
+                task.name,
+                task.images[keep],
+                task.labels[keep],
+                task.classes,
+                task.templates,
+                task.pretrain_caption,
+            )
+        loaded.append(task)
+    if len(loaded) < 2:
+        raise RuntimeError("fewer than two zoo tasks have their data installed")
+    return loaded
+
+
+def _finetune_worker(args: tuple) -> tuple[str, float, float, float]:
+    torch.set_num_threads(1)  # one thread per worker process: two sometimes stall here
+    (
+        zoo_dir,
+        model_name,
+        task_name,
+        head,
+        images,
+        labels,
+        test_images,
+        test_labels,
+        steps,
+        lr,
+        seed,
+    ) = args
+    model = create_model(model_name, load_state_dict(Path(zoo_dir) / "base.safetensors"))
+    started = time.perf_counter()
+    x = as_model_input(images, model)
+    finetune_image_tower(model, head, x, torch.from_numpy(labels), steps=steps, lr=lr, seed=seed)
+    test_x = as_model_input(test_images, model)
+    acc = accuracy(model, head, test_x, torch.from_numpy(test_labels))
+    save_state_dict(
+        {k: v.detach() for k, v in model.state_dict().items()},
+        Path(zoo_dir) / "checkpoints" / f"{task_name}.safetensors",
+        {"mergeflow.zoo.task": task_name},
+    )
+    return task_name, acc, time.perf_counter() - started, 0.0
+
+
+def build_zoo(
+    zoo_dir: str | Path, config: ZooConfig | None = None, say: Callable[[str], None] = print
+) -> dict:
+    """Build the zoo into ``zoo_dir`` unless a build with the same settings is there."""
+    config = config or ZooConfig()
+    zoo_dir = Path(zoo_dir)
+    manifest_path = zoo_dir / "zoo.json"
+    if manifest_path.is_file():
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("config_digest") == config.digest():
+            say(f"zoo: reusing {zoo_dir} (built {manifest['built_at']})")
+            return manifest
+    started = time.perf_counter()
+    say(f"zoo: building into {zoo_dir} (runs once; later runs reuse it)")
+    tasks = _load_tasks(config, say)
+    splits = {}
+    for task in tasks:
+        idx = split_indices(len(task.labels), config.test_size, config.validation_size, config.seed)
+        splits[task.name] = idx
+        for split, rows in idx.items():
+            write_split(task, rows, zoo_dir / "data" / task.name / f"{split}.parquet")
+    say(f"  data: {len(tasks)} tasks written as parquet")
+
+    torch.manual_seed(config.seed)
+    model = create_model(config.model)
+    tokenizer = tokenizer_for(config.model)
+    images, captions = [], []
+    for task in tasks:
+        train = splits[task.name]["train"]
+        chosen = train[: max(1, int(len(train) * config.pretrain_fraction))]
+        images.append(task.images[chosen])
+        captions += [task.pretrain_caption.format(c=task.classes[i]) for i in task.labels[chosen]]
+    pairs = as_model_input(np.concatenate(images), model)
+    say(
+        f"  pretraining {config.model} on {len(captions)} image-caption pairs "
+        f"for {config.pretrain_steps} steps"
+    )
+    t0 = time.perf_counter()
+
+    def report(step, total, loss):
+        if (step + 1) % max(1, total // 5) == 0:
+            say(f"    step {step + 1}/{total}  loss {loss:.3f}  ({time.perf_counter() - t0:.0f} s)")
+
+    pretrain(
+        model,
+        tokenizer,
+        pairs,
+        captions,
+        steps=config.pretrain_steps,
+        seed=config.seed,
+        progress=report,
+    )
+    save_state_dict(model.state_dict(), zoo_dir / "base.safetensors", {"mergeflow.zoo": "base"})
+
+    heads, zero_shot = {}, {}
+    for task in tasks:
+        heads[task.name] = zero_shot_head(model, tokenizer, task.classes, task.templates)
+        test = splits[task.name]["test"]
+        zero_shot[task.name] = accuracy(
+            model,
+            heads[task.name],
+            as_model_input(task.images[test], model),
+            torch.from_numpy(task.labels[test]),
+        )
+    say("  zero-shot test accuracy: " + ", ".join(f"{n} {a:.2f}" for n, a in zero_shot.items()))
+
+    jobs = []
+    for i, task in enumerate(tasks):
+        idx = splits[task.name]
+        jobs.append(
+            (
+                str(zoo_dir),
+                config.model,
+                task.name,
+                heads[task.name],
+                task.images[idx["train"]],
+                task.labels[idx["train"]],
+                task.images[idx["test"]],
+                task.labels[idx["test"]],
+                config.finetune_steps,
+                config.finetune_lr,
+                config.seed + i,
+            )
+        )
+    say(
+        f"  fine-tuning {len(jobs)} image towers, {config.finetune_steps} steps each, "
+        f"{config.workers} worker processes"
+    )
+    finetuned = {}
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=config.workers, mp_context=context) as pool:
+        for name, acc, seconds, _ in pool.map(_finetune_worker, jobs):
+            finetuned[name] = acc
+            say(
+                f"    {name}: test accuracy {acc:.2f} (zero-shot {zero_shot[name]:.2f}), "
+                f"{seconds:.0f} s"
+            )
+
+    manifest = {
+        "config": config.model_dump(mode="json"),
+        "config_digest": config.digest(),
+        "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "build_seconds": round(time.perf_counter() - started, 1),
+        "tasks": [
+            {
+                "name": t.name,
+                "classes": list(t.classes),
+                "templates": list(t.templates),
+                "zero_shot_test_accuracy": zero_shot[t.name],
+                "finetuned_test_accuracy": finetuned[t.name],
+                "sizes": {s: len(rows) for s, rows in splits[t.name].items()},
+            }
+            for t in tasks
+        ],
+    }
+    manifest_path.write_text(json.dumps(manifest, indent=2))
+    say(f"zoo: built in {manifest['build_seconds']:.0f} s")
+    return manifest
+
+
+def upload_zoo(zoo_dir: str | Path, prefix: str) -> int:
+    """Copy a built zoo folder to ``prefix`` (e.g. ``s3://bucket/zoo``); objects already
+    there with the same size are left alone. Returns the number of files uploaded."""
+    from mergeflow.storage import filesystem
+
+    zoo_dir = Path(zoo_dir)
+    fs, root = filesystem(prefix)
+    uploaded = 0
+    for path in sorted(p for p in zoo_dir.rglob("*") if p.is_file()):
+        target = f"{root.rstrip('/')}/{path.relative_to(zoo_dir).as_posix()}"
+        if fs.exists(target) and fs.size(target) == path.stat().st_size:
+            continue
+        fs.put_file(str(path), target)
+        uploaded += 1
+    fs.invalidate_cache()
+    return uploaded
+
+
+def zoo_spec(
+    manifest: dict,
+    prefix: str,
+    registered_model: str,
+    rank_ratios=(0.04, 0.08, 0.12, 0.16, 0.25),
+    scales=(1.0, 1.5, 2.0),
+    **overrides,
+):
+    """The merge spec of a zoo stored under ``prefix``."""
+    from mergeflow.spec import MergeSpec
+
+    prefix = prefix.rstrip("/")
+    data = {
+        "model": manifest["config"]["model"],
+        "base": f"{prefix}/base.safetensors",
+        "tasks": [
+            {
+                "name": t["name"],
+                "checkpoint": f"{prefix}/checkpoints/{t['name']}.safetensors",
+                "dataset": {"uri": f"{prefix}/data/{t['name']}", "format": "parquet"},
+                "classes": t["classes"],
+                "templates": t["templates"],
+            }
+            for t in manifest["tasks"]
+        ],
+        "grid": {"rank_ratios": list(rank_ratios), "scales": list(scales)},
+        "registered_model": registered_model,
+        **overrides,
+    }
+    return MergeSpec.parse(data, "zoo spec")

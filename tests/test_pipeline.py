@@ -1,0 +1,144 @@
+"""The merge pipeline end to end on a reduced zoo: S3 (moto server), Prefect, MLflow."""
+
+import io
+import os
+
+import mlflow
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from mergeflow.models import image_transform
+from mergeflow.zoo.zoo import ZooConfig, build_zoo, upload_zoo, zoo_spec
+
+TASKS = ("shapes", "letters", "digits")
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("zoo")
+    config = ZooConfig(
+        tasks=TASKS,
+        pretrain_steps=40,
+        finetune_steps=25,
+        max_per_task=360,
+        test_size=60,
+        validation_size=40,
+        workers=2,
+    )
+    manifest = build_zoo(folder, config, say=lambda line: None)
+    return folder, manifest
+
+
+@pytest.fixture
+def tracking(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    mlflow.set_tracking_uri(None)
+
+
+def test_zoo_build_is_reused(zoo):
+    folder, manifest = zoo
+    assert [t["name"] for t in manifest["tasks"]] == list(TASKS)
+    again = build_zoo(folder, ZooConfig(**manifest["config"]), say=lambda line: None)
+    assert again["built_at"] == manifest["built_at"]
+
+
+def test_pipeline_registers_a_champion_that_classifies(
+    prefect_harness, zoo, bucket, tracking, tmp_path
+):
+    from flows.merge_pipeline import merge_pipeline
+    from mergeflow import pipeline
+    from mergeflow.models import classify
+    from mergeflow.storage import CheckpointCache
+
+    folder, manifest = zoo
+    prefix = f"s3://{bucket}/zoo"
+    assert upload_zoo(folder, prefix) > 0
+    spec = zoo_spec(manifest, prefix, "zoo-test", rank_ratios=(0.1, 0.5), scales=(1.0, 2.0))
+    cache_dir = str(tmp_path / "cache")
+    result = merge_pipeline(spec, cache_dir)
+
+    assert len(result["grid"]) == 4
+    assert {"cart", "average", "task_arithmetic", "zeroshot", "finetuned"} <= set(
+        result["comparison"]
+    )
+    best = result["best"]
+    selected = max(result["grid"], key=lambda p: p["mean_normalized"])
+    assert selected["mean_normalized"] == pytest.approx(
+        next(
+            p
+            for p in result["grid"]
+            if (p["rank_ratio"], p["scale"]) == (best["rank_ratio"], best["scale"])
+        )["mean_normalized"]
+    )
+
+    client = mlflow.MlflowClient()
+    champion = client.get_model_version_by_alias("zoo-test", "champion")
+    assert str(champion.version) == result["registration"]["version"] == "1"
+    assert champion.tags["method"] == "cart"
+    assert champion.tags["rank_ratio"] == str(best["rank_ratio"])
+    assert len(champion.tags["source.base.sha256"]) == 64
+    assert champion.tags["source.shapes.uri"] == f"{prefix}/checkpoints/shapes.safetensors"
+    run = client.get_run(champion.run_id)
+    assert run.data.params["method"] == "cart"
+    for task in TASKS:
+        assert f"report_accuracy.{task}" in run.data.metrics
+    nested = client.search_runs(
+        [run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'"
+    )
+    assert len(nested) == 4
+
+    # the model loaded by alias classifies as the merged weights do
+    model = mlflow.pyfunc.load_model("models:/zoo-test@champion")
+    from datasets import Dataset
+
+    rows = []
+    for task in TASKS:
+        data = Dataset.from_parquet(str(folder / "data" / task / "test.parquet")).select(range(8))
+        rows += [
+            {"task": task, "image": r["image"]}
+            for r in data.cast_column("image", data.features["image"].__class__(decode=False))
+        ]
+    frame = pd.DataFrame(
+        {"task": [r["task"] for r in rows], "image": [r["image"]["bytes"] for r in rows]}
+    )
+    predicted = model.predict(frame)
+
+    cache = CheckpointCache(cache_dir)
+    context = pipeline.evaluation_context(spec, cache)
+    factors = pipeline.factorize(spec, cache)
+    merged = pipeline.grid_point_state(factors, best["rank_ratio"], best["scale"], "cpu")
+    context.model.load_state_dict(merged)
+    expected = []
+    transform = image_transform(context.model)
+    for task in TASKS:
+        head = next(t.head for t in context.tasks if t.name == task)
+        images = torch.stack(
+            [transform(Image.open(io.BytesIO(b))) for b in frame[frame.task == task]["image"]]
+        )
+        with torch.no_grad():
+            expected += classify(context.model, head, images).argmax(1).tolist()
+    assert predicted["label_index"].tolist() == expected
+
+    # a second run that is no better leaves the champion where it is
+    again = merge_pipeline(spec, cache_dir)
+    assert again["registration"]["aliases"] == ["challenger"]
+    assert str(client.get_model_version_by_alias("zoo-test", "champion").version) == "1"
+    assert str(client.get_model_version_by_alias("zoo-test", "challenger").version) == "2"
+    assert os.environ["MLFLOW_TRACKING_URI"] == tracking
+
+
+def test_selection_prefers_best_then_smaller_rank():
+    from flows.merge_pipeline import _pick_best
+
+    grid = [
+        {"rank_ratio": 0.1, "scale": 1.0, "mean_normalized": 0.8},
+        {"rank_ratio": 0.2, "scale": 1.0, "mean_normalized": 0.9},
+        {"rank_ratio": 0.05, "scale": 2.0, "mean_normalized": 0.9},
+        {"rank_ratio": 0.05, "scale": 1.0, "mean_normalized": 0.9},
+    ]
+    assert _pick_best(grid) == grid[3]
