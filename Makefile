@@ -39,8 +39,7 @@ format: setup
 	$(PY) -m ruff check --fix mergeflow tasks flows tests bench
 
 demo: setup
-	@echo "make demo: not yet - the pipeline (issue 'The pipeline') has not landed."
-	@echo "Meanwhile: .venv/bin/mergeflow merge --help"
+	$(PY) -m flows.demo
 
 bench: setup
 	$(PY) bench/grid.py

@@ -13,12 +13,11 @@ import hashlib
 import json
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from mergeflow.cart_grid import CartFactors
-from mergeflow.checkpoints import StateDictReader, load_state_dict, open_checkpoint
+from mergeflow.checkpoints import load_state_dict, open_checkpoint
 from mergeflow.evaluation import REPORT, SELECTION, PreparedTask, prepare_tasks, score_all
 from mergeflow.merge import merge_readers
 from mergeflow.models import create_model
@@ -47,9 +46,13 @@ class EvaluationContext:
     model: torch.nn.Module
     tasks: list[PreparedTask]
 
-    def score(self, state: StateDict, split: str = SELECTION) -> dict[str, float]:
+    def score(
+        self, state: StateDict, split: str = SELECTION, only: str | None = None
+    ) -> dict[str, float]:
+        """Per-task accuracy of ``state`` on ``split`` (of task ``only``, if given)."""
         self.model.load_state_dict(state)
-        return score_all(self.model, self.tasks, split, self.spec.batch_size, self.spec.device)
+        tasks = [t for t in self.tasks if only in (None, t.name)]
+        return score_all(self.model, tasks, split, self.spec.batch_size, self.spec.device)
 
 
 @functools.lru_cache(maxsize=4)
@@ -134,13 +137,3 @@ def heads_and_classes(spec: MergeSpec, cache: CheckpointCache):
         {t.name: t.head for t in context.tasks},
         {t.name: t.classes for t in context.tasks},
     )
-
-
-def as_reader(state: StateDict, name: str) -> StateDictReader:
-    return StateDictReader(state, name)
-
-
-def workdir(cache: CheckpointCache, spec: MergeSpec) -> Path:
-    path = cache.root / "runs" / spec_digest(spec)
-    path.mkdir(parents=True, exist_ok=True)
-    return path

@@ -8,6 +8,7 @@ method, its settings, URIs and digests only.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 
 import torch
@@ -21,6 +22,17 @@ SCORE_METRIC = "report_mean_normalized"
 
 def _experiment_name(spec: MergeSpec) -> str:
     return f"mergeflow/{spec.registered_model}"
+
+
+def _use_experiment(name: str) -> None:
+    """Select (creating if needed) the experiment; ``MERGEFLOW_ARTIFACT_ROOT`` places a new
+    experiment's artifacts (default: MLflow's own choice for the tracking store)."""
+    import mlflow
+
+    if mlflow.get_experiment_by_name(name) is None and os.environ.get("MERGEFLOW_ARTIFACT_ROOT"):
+        root = os.environ["MERGEFLOW_ARTIFACT_ROOT"].rstrip("/")
+        mlflow.create_experiment(name, artifact_location=f"{root}/{name.replace('/', '-')}")
+    mlflow.set_experiment(name)
 
 
 def record_run(
@@ -37,7 +49,7 @@ def record_run(
     mean_normalized. ``comparison``: candidate → summary on the report split."""
     import mlflow
 
-    mlflow.set_experiment(_experiment_name(spec))
+    _use_experiment(_experiment_name(spec))
     cart = comparison["cart"]
     with mlflow.start_run(run_name=f"cart rank={best['rank_ratio']} scale={best['scale']}") as run:
         mlflow.set_tags({"mergeflow.spec": spec.model_dump_json()[:5000], **lineage})

@@ -62,8 +62,11 @@ def score_candidate(
         state = pipeline.grid_point_state(factors_path, rank_ratio, scale, spec.device)
     else:
         state = pipeline.baseline_state(spec, candidate, cache)
-    context = pipeline.evaluation_context(spec, cache)
-    return context.score(state, split if split in (SELECTION, REPORT) else REPORT)
+    if split not in (SELECTION, REPORT):
+        raise ValueError(f"split must be {SELECTION!r} or {REPORT!r}, not {split!r}")
+    # a task's own fine-tuned model is scored on that task only
+    only = candidate.split(":", 1)[1] if candidate.startswith("finetuned:") else None
+    return pipeline.evaluation_context(spec, cache).score(state, split, only)
 
 
 @task(

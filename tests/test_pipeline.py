@@ -35,6 +35,7 @@ def zoo(tmp_path_factory):
 def tracking(tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MERGEFLOW_ARTIFACT_ROOT", (tmp_path / "artifacts").as_uri())
     mlflow.set_tracking_uri(uri)
     yield uri
     mlflow.set_tracking_uri(None)
