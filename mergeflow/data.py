@@ -61,7 +61,11 @@ def load_split(spec: DatasetSpec, split: str, cache: CheckpointCache | None = No
     try:
         if fmt == "parquet":
             copy = cache.fetch(_parquet_file(spec, split))
-            data = datasets.Dataset.from_parquet(str(copy.path))
+            datasets.disable_progress_bars()  # a bar per small split buries the pipeline's own
+            try:
+                data = datasets.Dataset.from_parquet(str(copy.path))
+            finally:
+                datasets.enable_progress_bars()
             digest = copy.digest()
         elif fmt == "imagefolder":
             data = datasets.load_dataset("imagefolder", data_dir=spec.uri, split=split)

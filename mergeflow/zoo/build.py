@@ -32,7 +32,11 @@ def write_split(task: TaskData, indices: Sequence[int], path: str | Path) -> Pat
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    datasets.Dataset.from_dict(rows, features=features).to_parquet(str(path))
+    datasets.disable_progress_bars()  # one bar per tiny file is noise; the zoo reports per task
+    try:
+        datasets.Dataset.from_dict(rows, features=features).to_parquet(str(path))
+    finally:
+        datasets.enable_progress_bars()
     return path
 
 
