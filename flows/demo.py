@@ -111,9 +111,14 @@ def main(argv: list[str] | None = None) -> int:
         "(best mean normalized accuracy on the validation splits)"
     )
     aliases = ", ".join(registration["aliases"])
+    holder = (
+        registration["version"]
+        if "champion" in registration["aliases"]
+        else registration["previous_champion"]
+    )
     print(
         f"registered: models:/{registration['name']}/{registration['version']} ({aliases}); "
-        f"champion: models:/{registration['name']}@champion"
+        f"models:/{registration['name']}@champion is version {holder}"
     )
     print(f"demo took {time.perf_counter() - started:.0f} s")
     print()
