@@ -5,7 +5,6 @@ mergeflow run SPEC.yaml            (or deploy it: prefect.yaml, deployment merge
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 
@@ -135,7 +134,6 @@ def merge_pipeline(spec: MergeSpec, cache_dir: str | None = None) -> dict:
             f"{comparison['cart']['mean_accuracy']:.4f}"
         ),
     )
-    logging.getLogger(__name__).debug("pipeline done in %.1f s", time.perf_counter() - started)
     return {
         "best": {"rank_ratio": best["rank_ratio"], "scale": best["scale"]},
         "grid": grid,

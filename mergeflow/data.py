@@ -67,16 +67,13 @@ def load_split(spec: DatasetSpec, split: str, cache: CheckpointCache | None = No
             finally:
                 datasets.enable_progress_bars()
             digest = copy.digest()
-        elif fmt == "imagefolder":
-            data = datasets.load_dataset("imagefolder", data_dir=spec.uri, split=split)
-            digest = hashlib.sha256(
-                json.dumps([spec.uri, split, data._fingerprint]).encode()
-            ).hexdigest()
         else:
-            data = datasets.load_dataset(spec.uri, split=split)
-            digest = hashlib.sha256(
-                json.dumps([spec.uri, split, data._fingerprint]).encode()
-            ).hexdigest()
+            if fmt == "imagefolder":
+                data = datasets.load_dataset("imagefolder", data_dir=spec.uri, split=split)
+            else:
+                data = datasets.load_dataset(spec.uri, split=split)
+            identity = json.dumps([spec.uri, split, data._fingerprint])
+            digest = hashlib.sha256(identity.encode()).hexdigest()
     except ParameterError:
         raise
     except Exception as exc:

@@ -108,3 +108,20 @@ def test_summary_normalizes_by_the_finetuned_model():
     assert summary["normalized"] == {"a": 0.5, "b": 1.0}
     assert summary["mean_accuracy"] == pytest.approx(0.7)
     assert summary["mean_normalized"] == pytest.approx(0.75)
+
+
+def test_imagefolder_datasets_are_read_with_their_folder_labels(model, tmp_path):
+    from PIL import Image
+
+    task = sources.shapes(per_class=6)
+    root = tmp_path / "imagefolder"
+    for split, idx in {"validation": range(0, 36, 2), "test": range(1, 36, 2)}.items():
+        for i in idx:
+            folder = root / split / task.classes[task.labels[i]]
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(task.images[i]).save(folder / f"{i}.png")
+    spec = TaskSpec(name="shapes", checkpoint="x", dataset=DatasetSpec(uri=str(root)))
+    prepared = prepare_task(spec, model, tokenizer_for(CONFIG), CheckpointCache(tmp_path / "c"))
+    assert set(prepared.classes) == set(sources.SHAPES)
+    assert len(prepared.splits[SELECTION].labels) == 18
+    assert len(prepared.splits[REPORT].labels) == 18
