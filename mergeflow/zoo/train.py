@@ -11,8 +11,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mergeflow.models import zero_shot_head
-
 log = logging.getLogger(__name__)
 
 
@@ -127,4 +125,4 @@ def accuracy(model, head: torch.Tensor, images: torch.Tensor, labels: torch.Tens
     return correct / len(images)
 
 
-__all__ = ["accuracy", "as_model_input", "finetune_image_tower", "pretrain", "zero_shot_head"]
+__all__ = ["accuracy", "as_model_input", "finetune_image_tower", "pretrain"]
