@@ -33,6 +33,18 @@ class TaskData:
     templates: tuple[str, ...]
     pretrain_caption: str  # how a pretraining caption names an image of class {c}
 
+    @classmethod
+    def from_samples(cls, name, images, labels, classes, templates, caption) -> TaskData:
+        """From lists of (SIZE, SIZE) uint8 images and int labels."""
+        return cls(
+            name,
+            np.stack(images),
+            np.asarray(labels, dtype=np.int64),
+            tuple(classes),
+            tuple(templates),
+            caption,
+        )
+
 
 def _fit(images: np.ndarray) -> np.ndarray:
     """Resize (N, h, w) images to (N, SIZE, SIZE) uint8 with bilinear filtering."""
@@ -157,10 +169,10 @@ def letters(per_class: int = 400, seed: int = 0) -> TaskData:
             font = fonts / LETTER_FONTS[int(rng.integers(len(LETTER_FONTS)))]
             images.append(_render(letter, font, rng))
             labels.append(label)
-    return TaskData(
+    return TaskData.from_samples(
         "letters",
-        np.stack(images),
-        np.asarray(labels, dtype=np.int64),
+        images,
+        labels,
         classes,
         ('the letter "{c}".', "a printed capital {c}."),
         "a printed letter {c}",
@@ -187,10 +199,10 @@ def fonts(per_class: int = 500, seed: int = 1) -> TaskData:
             text = "".join(alphabet[i] for i in rng.integers(len(alphabet), size=2))
             images.append(_render(text, folder / file, rng))
             labels.append(label)
-    return TaskData(
+    return TaskData.from_samples(
         "fonts",
-        np.stack(images),
-        np.asarray(labels, dtype=np.int64),
+        images,
+        labels,
         tuple(FONT_STYLES),
         ("text set in a {c} typeface.", "letters in {c} style."),
         "text in a {c} font",
@@ -247,10 +259,10 @@ def textiles() -> TaskData:
                 images.append(np.asarray(gray))
             labels.append(label)
     names = ("flawless fabric", "fabric with a local defect", "fabric with a global defect")
-    return TaskData(
+    return TaskData.from_samples(
         "textiles",
-        np.stack(images),
-        np.asarray(labels, dtype=np.int64),
+        images,
+        labels,
         names,
         ("a photo of {c}.", "a textile sample: {c}."),
         "a photo of {c}",
@@ -297,10 +309,10 @@ def shapes(per_class: int = 400, seed: int = 3) -> TaskData:
                 draw.ellipse(box, outline=fill, width=max(2, int(r / 4)))
             images.append(np.asarray(canvas.rotate(float(rng.uniform(0, 360)))))
             labels.append(label)
-    return TaskData(
+    return TaskData.from_samples(
         "shapes",
-        np.stack(images),
-        np.asarray(labels, dtype=np.int64),
+        images,
+        labels,
         SHAPES,
         ("a drawing of a {c}.", "a simple {c} shape."),
         "a drawing of a {c}",
