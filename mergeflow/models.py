@@ -9,6 +9,7 @@ once per task, and stay frozen, as in the task-vectors line of work.
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -17,6 +18,15 @@ import torch
 from mergeflow.errors import ParameterError
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
+
+
+class _DropNotice(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
 
 
 @functools.cache
@@ -41,12 +51,20 @@ def create_model(config: str, state_dict: Mapping[str, torch.Tensor] | None = No
     _register_configs()
     if config not in open_clip.list_models():
         raise ParameterError(f"unknown open_clip model config {config!r}")
-    model = open_clip.create_model(config, pretrained=None)
-    if state_dict is not None:
-        missing, unexpected = model.load_state_dict(dict(state_dict), strict=False)
-        if missing or unexpected:
-            what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
-            raise ParameterError(f"state dict does not fit model config {config!r}: {what}")
+    if state_dict is None:
+        return open_clip.create_model(config, pretrained=None).eval()
+    # open_clip warns that the model is randomly initialized; the weights loaded right
+    # below make that untrue, so the notice is dropped here only.
+    notice = _DropNotice("No pretrained weights loaded")
+    logging.getLogger().addFilter(notice)
+    try:
+        model = open_clip.create_model(config, pretrained=None)
+    finally:
+        logging.getLogger().removeFilter(notice)
+    missing, unexpected = model.load_state_dict(dict(state_dict), strict=False)
+    if missing or unexpected:
+        what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        raise ParameterError(f"state dict does not fit model config {config!r}: {what}")
     return model.eval()
 
 

@@ -125,3 +125,12 @@ def test_imagefolder_datasets_are_read_with_their_folder_labels(model, tmp_path)
     assert set(prepared.classes) == set(sources.SHAPES)
     assert len(prepared.splits[SELECTION].labels) == 18
     assert len(prepared.splits[REPORT].labels) == 18
+
+
+def test_create_model_names_what_does_not_fit(model):
+    state = dict(model.state_dict())
+    state.pop("visual.proj")
+    with pytest.raises(ParameterError, match=r"does not fit .*missing \['visual\.proj'\]"):
+        create_model(CONFIG, state)
+    with pytest.raises(ParameterError, match=r"unknown open_clip model config 'ViT-Q-99'"):
+        create_model("ViT-Q-99")
