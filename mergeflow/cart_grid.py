@@ -38,7 +38,6 @@ from mergeflow.svd import Factors, low_rank_sum, rank_for, resolve_device, trunc
 log = logging.getLogger(__name__)
 
 FORMAT = "mergeflow.cart_factors/1"
-_DTYPES = {str(d): d for d in (torch.float64, torch.float32, torch.float16, torch.bfloat16)}
 
 
 def _as_reader(
@@ -183,7 +182,7 @@ class CartFactors:
             state = reader.to_state_dict()
         num_tasks = int(meta["num_tasks"])
         dtypes = {
-            k: _DTYPES.get(name) or getattr(torch, name.removeprefix("torch."))
+            k: getattr(torch, name.removeprefix("torch."))
             for k, name in json.loads(meta["dtypes"]).items()
         }
         average = {k: state[f"average/{k}"] for k in dtypes}

@@ -28,10 +28,6 @@ from mergeflow.storage import CheckpointCache
 log = logging.getLogger(__name__)
 
 
-def spec_digest(spec: MergeSpec) -> str:
-    return hashlib.sha256(spec.model_dump_json().encode()).hexdigest()[:16]
-
-
 def checkpoint_digests(spec: MergeSpec, cache: CheckpointCache) -> dict[str, str]:
     """sha256 of the base and every task checkpoint, by URI (fetched through the cache)."""
     uris = [spec.base] + [t.checkpoint for t in spec.tasks]

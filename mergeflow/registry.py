@@ -43,7 +43,6 @@ class Registration:
     run_id: str
     aliases: tuple[str, ...]
     previous_champion: str | None
-    model_uri: str
 
 
 def current_champion(client, name: str):
@@ -129,5 +128,4 @@ def register_merged_model(
         run_id,
         tuple(aliases),
         str(previous) if previous is not None else None,
-        f"models:/{name}/{version.version}",
     )

@@ -46,8 +46,9 @@ class TaskData:
         )
 
 
-def _fit(images: np.ndarray) -> np.ndarray:
-    """Resize (N, h, w) images to (N, SIZE, SIZE) uint8 with bilinear filtering."""
+def _fit(images) -> np.ndarray:
+    """Resize N 2-D images (an (N, h, w) array, or a list of any sizes) to (N, SIZE, SIZE)
+    uint8 with bilinear filtering."""
     from PIL import Image
 
     out = np.empty((len(images), SIZE, SIZE), dtype=np.uint8)
@@ -229,16 +230,12 @@ def textures(per_class: int = 400, seed: int = 2) -> TaskData:
             labels.append(label)
     return TaskData(
         "textures",
-        _fit_varied(images),
+        _fit(images),
         np.asarray(labels, dtype=np.int64),
         TEXTURE_IMAGES,
         ("a patch of {c} texture.", "a close-up crop of {c}."),
         "a close-up patch of {c}",
     )
-
-
-def _fit_varied(images: list[np.ndarray]) -> np.ndarray:
-    return np.stack([_fit(img[None])[0] for img in images])
 
 
 TEXTILE_CLASSES = ("nominal", "local", "global")

@@ -78,7 +78,7 @@ def _load_tasks(config: ZooConfig, say: Callable[[str], None]) -> list[sources.T
     return loaded
 
 
-def _finetune_worker(args: tuple) -> tuple[str, float, float, float]:
+def _finetune_worker(args: tuple) -> tuple[str, float, float]:
     torch.set_num_threads(1)  # one thread per worker process: two sometimes stall here
     (
         zoo_dir,
@@ -104,7 +104,7 @@ def _finetune_worker(args: tuple) -> tuple[str, float, float, float]:
         Path(zoo_dir) / "checkpoints" / f"{task_name}.safetensors",
         {"mergeflow.zoo.task": task_name},
     )
-    return task_name, acc, time.perf_counter() - started, 0.0
+    return task_name, acc, time.perf_counter() - started
 
 
 def build_zoo(
@@ -198,7 +198,7 @@ def build_zoo(
     finetuned = {}
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=config.workers, mp_context=context) as pool:
-        for name, acc, seconds, _ in pool.map(_finetune_worker, jobs):
+        for name, acc, seconds in pool.map(_finetune_worker, jobs):
             finetuned[name] = acc
             say(
                 f"    {name}: test accuracy {acc:.2f} (zero-shot {zero_shot[name]:.2f}), "
