@@ -36,21 +36,36 @@ def _rss_mib(field: str) -> float:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
+def machine_line() -> str:
+    import torch
+
+    return (
+        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} "
+        f"torch threads, torch {torch.__version__}, python {platform.python_version()}"
+    )
+
+
 def prepare(workdir: Path, tasks: int) -> list[Path]:
+    """``tasks`` fine-tuned ViT-B/32 image towers (and their base, ``base.safetensors``)
+    under ``workdir``; files already there are kept."""
     import torch
     from open_clip.transformer import VisionTransformer
 
     from mergeflow.checkpoints import save_state_dict
 
     paths = [workdir / f"task{t}.safetensors" for t in range(tasks)]
-    if all(p.exists() for p in paths):
+    base_path = workdir / "base.safetensors"
+    if base_path.exists() and all(p.exists() for p in paths):
         return paths
     torch.manual_seed(0)
     tower = VisionTransformer(
         image_size=224, patch_size=32, width=768, layers=12, heads=12, mlp_ratio=4.0, output_dim=512
     )
     base = {f"visual.{k}": v.detach() for k, v in tower.state_dict().items()}
+    save_state_dict(base, base_path)
     for t, path in enumerate(paths):
+        if path.exists():
+            continue
         gen = torch.Generator().manual_seed(t + 1)
         tuned = {k: v + 1e-3 * torch.randn(v.shape, generator=gen) for k, v in base.items()}
         save_state_dict(tuned, path)
@@ -108,14 +123,9 @@ def main() -> None:
         print(json.dumps(run_phase(args.phase, args.paths)))
         return
 
-    import torch
-
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="mergeflow-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    print(
-        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} "
-        f"torch threads, torch {torch.__version__}, python {platform.python_version()}"
-    )
+    print(machine_line())
     started = time.perf_counter()
     paths = prepare(workdir, args.tasks)
     size_mib = paths[0].stat().st_size / 2**20

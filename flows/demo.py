@@ -47,15 +47,42 @@ def _configure(demo_dir: Path, port: int) -> None:
     )
 
 
+# every method the field compares CART against, each searched over its scale on the
+# validation splits like CART's grid; the table shows each family's best point
+DEMO_FAMILIES = [
+    {"method": "task_arithmetic", "search": {"scale": [0.1, 0.2, 0.3, 0.5]}},
+    {"method": "ties", "search": {"scale": [0.5, 1.0, 1.5]}},
+    {
+        "method": "ties",
+        "label": "ties centered",
+        "params": {"center": "average"},
+        "search": {"scale": [0.5, 1.0, 1.5]},
+    },
+    {"method": "dare", "search": {"scale": [0.1, 0.2, 0.3]}},
+    {"method": "tsv_m", "search": {"scale": [0.5, 1.0, 1.5]}},
+    {"method": "iso_c", "search": {"scale": [0.5, 1.0, 1.5]}},
+    {"method": "iso_cts", "search": {"scale": [0.5, 1.0, 1.5]}},
+    {"method": "consensus", "search": {"scale": [0.2, 0.3, 0.5]}},
+    {"method": "pcb", "search": {"scale": [0.5, 1.0, 1.5]}},
+]
+DEMO_BASELINES = ["zeroshot", "average", "finetuned", "tall_masks"]
+
+
 def _table(comparison: dict, tasks: list[str]) -> str:
-    order = ["zeroshot", "average", "task_arithmetic", "cart", "finetuned"]
-    names = [n for n in order if n in comparison] + [n for n in comparison if n not in order]
+    first, last = ["zeroshot", "average"], ["finetuned"]
+    middle = sorted(
+        (n for n in comparison if n not in first + last),
+        key=lambda n: comparison[n]["mean_accuracy"],
+    )
+    names = [n for n in first if n in comparison] + middle + [n for n in last if n in comparison]
+    label = max(17, *(len(n) + 1 for n in names))
     width = max(9, *(len(t) for t in tasks))
-    lines = [f"{'method':17s}" + "".join(f"{t[:width]:>{width + 1}s}" for t in tasks) + "     mean"]
+    header = f"{'method':{label}s}" + "".join(f"{t[:width]:>{width + 1}s}" for t in tasks)
+    lines = [header + "     mean"]
     for name in names:
         acc = comparison[name]["accuracy"]
         cells = "".join(f"{100 * acc[t]:>{width + 1}.1f}" for t in tasks)
-        lines.append(f"{name:17s}{cells}{100 * comparison[name]['mean_accuracy']:>9.1f}")
+        lines.append(f"{name:{label}s}{cells}{100 * comparison[name]['mean_accuracy']:>9.1f}")
     return "\n".join(lines)
 
 
@@ -86,11 +113,19 @@ def main(argv: list[str] | None = None) -> int:
         prefix = f"s3://{BUCKET}/zoo"
         count = upload_zoo(demo_dir / "zoo", prefix)
         print(f"s3: uploaded {count} zoo files to {prefix} (local S3 on 127.0.0.1:{port})")
-        spec = zoo_spec(manifest, prefix, MODEL_NAME)
+        spec = zoo_spec(
+            manifest,
+            prefix,
+            MODEL_NAME,
+            families=DEMO_FAMILIES,
+            baselines=DEMO_BASELINES,
+            compression={"rank_ratio": 0.12, "register_model": True},
+        )
         (demo_dir / "spec.yaml").write_text(spec.to_yaml())
         print(
             f"spec: {demo_dir / 'spec.yaml'}  ({len(spec.tasks)} tasks, "
-            f"{len(spec.grid.points())} grid points)"
+            f"{len(spec.grid.points())} CART grid points, "
+            f"{sum(len(f.points()) for f in spec.grid.families)} points of other methods)"
         )
 
         from flows.merge_pipeline import merge_pipeline
@@ -105,11 +140,19 @@ def main(argv: list[str] | None = None) -> int:
     print("Report-split accuracy (%) per task and method")
     print(_table(result["comparison"], tasks))
     print()
-    best = result["best"]
     print(
-        f"chosen: CART rank_ratio={best['rank_ratio']} scale={best['scale']} "
+        f"chosen: {result['best']['label']} "
         "(best mean normalized accuracy on the validation splits)"
     )
+    compression = result["compression"]
+    if compression:
+        print(
+            f"CART index ({compression['label']}): {compression['index_bytes'] / 2**20:.2f} MiB "
+            f"for {len(tasks)} tasks = {compression['ratio']:.3f} of the fine-tuned checkpoints "
+            f"({compression['checkpoint_bytes'] / 2**20:.2f} MiB); registered as "
+            f"models:/{compression['registration']['name']}/"
+            f"{compression['registration']['version']}"
+        )
     aliases = ", ".join(registration["aliases"])
     holder = (
         registration["version"]

@@ -1,4 +1,5 @@
-"""The merge pipeline: checkpoints → CART rank grid → per-task scores → MLflow registry.
+"""The merge pipeline: checkpoints → CART rank grid (and other method families) → per-task
+scores → MLflow registry.
 
 mergeflow run SPEC.yaml            (or deploy it: prefect.yaml, deployment merge-pipeline)
 """
@@ -12,32 +13,54 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from mergeflow.evaluation import REPORT, SELECTION, summarize
+from mergeflow.pipeline import is_per_task
 from mergeflow.spec import MergeSpec
 from tasks.checkpoints import fetch_checkpoint
 from tasks.pipeline import (
+    compress_checkpoints,
     evaluate_grid_point,
     factorize_checkpoints,
     prepare_evaluation,
+    register_index,
     register_winner,
     score_candidate,
+    score_index,
 )
 
 
 def _pick_best(grid: list[dict]) -> dict:
-    """The grid point with the best mean normalized accuracy; ties go to the lower rank, then
-    the smaller scale (cheaper to store, closer to averaging)."""
-    return max(grid, key=lambda p: (p["mean_normalized"], -p["rank_ratio"], -p["scale"]))
+    """The grid point with the best mean normalized accuracy; ties go to CART, then the lower
+    rank, then the smaller scale (cheaper to store, closer to averaging)."""
+
+    def preference(point: dict):
+        params = point.get("params", point)
+        return (
+            point["mean_normalized"],
+            point.get("method", "cart") == "cart",
+            -params.get("rank_ratio", 0.0),
+            -params.get("scale", 0.0),
+        )
+
+    return max(grid, key=preference)
 
 
 def _artifact_key(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
 
 
+def cart_candidate(rank_ratio: float, scale: float) -> dict:
+    return {
+        "method": "cart",
+        "params": {"rank_ratio": rank_ratio, "scale": scale},
+        "label": f"cart rank_ratio={rank_ratio} scale={scale}",
+    }
+
+
 @flow(name="merge-pipeline", log_prints=True)
 def merge_pipeline(spec: MergeSpec, cache_dir: str | None = None) -> dict:
-    """Merge the spec's fine-tuned checkpoints with CART over its rank grid, score every
-    point on each task's selection split, compare the best with the baselines on the report
-    split, and register it in MLflow."""
+    """Merge the spec's fine-tuned checkpoints with CART over its rank grid (and any other
+    method families it lists), score every point on each task's selection split, compare
+    the best with the baselines on the report split, and register it in MLflow."""
     logger = get_run_logger()
     started = time.perf_counter()
     uris = [spec.base] + [t.checkpoint for t in spec.tasks]
@@ -53,64 +76,83 @@ def merge_pipeline(spec: MergeSpec, cache_dir: str | None = None) -> dict:
     sizes = prepare_evaluation(spec, cache_dir)
     logger.info("evaluation data ready: %s", sizes)
 
-    finetuned_selection = {}
-    for t in spec.tasks:
-        finetuned_selection[t.name] = score_candidate(
-            spec, f"finetuned:{t.name}", SELECTION, cache_dir=cache_dir
-        )[t.name]
+    finetuned = {"method": "finetuned", "params": {}, "label": "finetuned"}
+    finetuned_selection = score_candidate(spec, finetuned, SELECTION, cache_dir=cache_dir)
 
     factors_path = factorize_checkpoints(spec, cache_dir)
+    families = {"cart": [cart_candidate(r, s) for r, s in spec.grid.points()]}
+    for family in spec.grid.families:
+        name = family.label or family.method
+        if name in families:
+            name = f"{name} {len(families)}"
+        families[name] = [point.candidate() for point in family.points()]
+    candidates = [{**c, "family": name} for name, points in families.items() for c in points]
     grid = []
-    points = spec.grid.points()
-    for i, (rank_ratio, scale) in enumerate(points, start=1):
-        scores = evaluate_grid_point(spec, factors_path, rank_ratio, scale, cache_dir)
+    for i, candidate in enumerate(candidates, start=1):
+        if candidate["method"] == "cart":
+            params = candidate["params"]
+            scores = evaluate_grid_point(
+                spec, factors_path, params["rank_ratio"], params["scale"], cache_dir
+            )
+        else:
+            scores = score_candidate(spec, candidate, SELECTION, factors_path, cache_dir)
         summary = summarize(scores, finetuned_selection)
-        grid.append({"rank_ratio": rank_ratio, "scale": scale, **summary})
+        grid.append({**candidate, **candidate["params"], **summary})
         print(
-            f"grid {i}/{len(points)}: rank={rank_ratio} scale={scale} "
+            f"grid {i}/{len(candidates)}: {candidate['label']} "
             f"mean acc {summary['mean_accuracy']:.3f} normalized {summary['mean_normalized']:.3f}"
         )
-    best = _pick_best(grid)
-    print(f"selected rank_ratio={best['rank_ratio']} scale={best['scale']}")
+    # each family's best point on the selection splits goes to the report; the best of those
+    # that are one merged model is registered
+    family_best = {name: _pick_best([p for p in grid if p["family"] == name]) for name in families}
+    mergeable = [p for p in family_best.values() if not is_per_task(p["method"])]
+    best = _pick_best(mergeable)
+    winner = {k: best[k] for k in ("method", "params", "label")}
+    print(f"selected {winner['label']}")
 
-    finetuned_report = {}
     report_scores = {}
-    for t in spec.tasks:
-        if "finetuned" in spec.baselines:
-            report_scores[f"finetuned:{t.name}"] = score_candidate(
-                spec, f"finetuned:{t.name}", REPORT, cache_dir=cache_dir
-            )
-            finetuned_report[t.name] = report_scores[f"finetuned:{t.name}"][t.name]
-    report_scores["cart"] = score_candidate(
-        spec, "cart", REPORT, factors_path, best["rank_ratio"], best["scale"], cache_dir
-    )
-    for baseline in spec.baselines:
-        if baseline != "finetuned":
-            report_scores[baseline] = score_candidate(spec, baseline, REPORT, cache_dir=cache_dir)
-    reference = finetuned_report or {t.name: math.nan for t in spec.tasks}
-    comparison = {
-        name: summarize(scores, reference)
-        for name, scores in report_scores.items()
-        if not name.startswith("finetuned:")
-    }
-    if finetuned_report:
-        comparison["finetuned"] = summarize(finetuned_report, finetuned_report)
+    if spec.has_reference("finetuned"):
+        report_scores["finetuned"] = score_candidate(spec, finetuned, REPORT, cache_dir=cache_dir)
+    if spec.has_reference("zeroshot"):
+        zeroshot = {"method": "zeroshot", "params": {}, "label": "zeroshot"}
+        report_scores["zeroshot"] = score_candidate(spec, zeroshot, REPORT, cache_dir=cache_dir)
+    for point in family_best.values():
+        candidate = {k: point[k] for k in ("method", "params", "label")}
+        report_scores[point["label"]] = score_candidate(
+            spec, candidate, REPORT, factors_path, cache_dir
+        )
+    for baseline in spec.baseline_methods():
+        report_scores[baseline.name] = score_candidate(
+            spec, baseline.candidate(), REPORT, factors_path, cache_dir
+        )
+    compression = None
+    if spec.compression is not None:
+        compression = compress_checkpoints(spec, cache_dir)
+        settings = spec.compression.model_dump(exclude={"register_model"}, exclude_none=True)
+        label = "cart_indexed " + " ".join(f"{k}={v}" for k, v in settings.items())
+        compression["label"] = label
+        report_scores[label] = score_index(spec, compression["path"], REPORT, cache_dir)
+    reference = report_scores.get("finetuned") or {t.name: math.nan for t in spec.tasks}
+    comparison = {name: summarize(scores, reference) for name, scores in report_scores.items()}
 
-    registration = register_winner(spec, factors_path, best, grid, comparison, lineage, cache_dir)
+    registration = register_winner(spec, factors_path, winner, grid, comparison, lineage, cache_dir)
+    if compression is not None and spec.compression.register_model:
+        compression["registration"] = register_index(
+            spec, compression, comparison[compression["label"]], lineage, cache_dir
+        )
 
     key = _artifact_key(spec.registered_model)
     create_table_artifact(
         key=f"{key}-grid",
         table=[
             {
-                "rank_ratio": p["rank_ratio"],
-                "scale": p["scale"],
+                "candidate": p["label"],
                 "mean_accuracy": round(p["mean_accuracy"], 4),
                 "mean_normalized": round(p["mean_normalized"], 4),
             }
             for p in grid
         ],
-        description=f"CART grid on the selection splits of {spec.registered_model}",
+        description=f"Grid on the selection splits of {spec.registered_model}",
     )
     rows = [
         {
@@ -125,19 +167,28 @@ def merge_pipeline(spec: MergeSpec, cache_dir: str | None = None) -> dict:
         table=rows,
         description="Report-split accuracy per task and method",
     )
+    storage = ""
+    if compression is not None:
+        storage = (
+            f"\n\nCART index ({compression['label']}): "
+            f"{compression['index_bytes'] / 2**20:.1f} MiB for {len(spec.tasks)} tasks, "
+            f"{compression['ratio']:.3f} of the fine-tuned checkpoints' "
+            f"{compression['checkpoint_bytes'] / 2**20:.1f} MiB"
+        )
     create_markdown_artifact(
         key=f"{key}-registration",
         markdown=(
             f"**{spec.registered_model}** version {registration['version']} "
-            f"({', '.join(registration['aliases'])}): CART rank_ratio={best['rank_ratio']}, "
-            f"scale={best['scale']}, report mean accuracy "
-            f"{comparison['cart']['mean_accuracy']:.4f}"
+            f"({', '.join(registration['aliases'])}): {winner['label']}, report mean accuracy "
+            f"{comparison[winner['label']]['mean_accuracy']:.4f}{storage}"
         ),
     )
     return {
-        "best": {"rank_ratio": best["rank_ratio"], "scale": best["scale"]},
+        "best": winner,
+        "family_best": {name: p["label"] for name, p in family_best.items()},
         "grid": grid,
         "comparison": comparison,
+        "compression": compression,
         "registration": registration,
         "seconds": time.perf_counter() - started,
     }

@@ -24,20 +24,30 @@ from tqdm.auto import tqdm
 from mergeflow.checkpoints import (
     CheckpointReader,
     StateDictReader,
-    open_checkpoint,
+    read_formatted,
     save_state_dict,
 )
-from mergeflow.errors import CheckpointError, ParameterError
+from mergeflow.errors import ParameterError
 from mergeflow.merge import common_layout
 from mergeflow.methods.cart import METHOD as CART
 from mergeflow.methods.cart import CartParams, LowRankSelection, centered
 from mergeflow.statedict import COMPUTE_DTYPE, StateDict
 from mergeflow.storage import CheckpointCache
-from mergeflow.svd import Factors, low_rank_sum, rank_for, resolve_device, truncated_svd
+from mergeflow.svd import (
+    Factors,
+    energy_rank,
+    factors_bytes,
+    factors_from_tensors,
+    factors_to_tensors,
+    low_rank_sum,
+    rank_for,
+    resolve_device,
+    truncated_svd,
+)
 
 log = logging.getLogger(__name__)
 
-FORMAT = "mergeflow.cart_factors/1"
+FORMAT = "mergeflow.cart_factors/2"
 
 
 def _as_reader(
@@ -65,7 +75,9 @@ class CartFactors:
         num_tasks: int,
         max_rank_ratio: float,
         selection: LowRankSelection,
+        norms: dict[str, torch.Tensor] | None = None,
     ):
+        self.norms = norms or {}
         self.average = average
         self.factors = factors
         self.dtypes = dtypes
@@ -93,6 +105,7 @@ class CartFactors:
         compute_device = resolve_device(device)
         average: StateDict = {}
         factors: dict[str, list[Factors]] = {}
+        norms: dict[str, torch.Tensor] = {}
         dtypes: dict[str, torch.dtype] = {}
         keys = tqdm(layout.items(), desc="factorize", unit="tensor", disable=not progress)
         for key, (shape, dtype) in keys:
@@ -106,13 +119,14 @@ class CartFactors:
             if selection.selects(key, shape):
                 k_max = rank_for(shape, max_rank_ratio)
                 factors[key] = [truncated_svd(tau, k_max).to("cpu") for tau in task_vectors]
+                norms[key] = torch.stack([tau.square().sum() for tau in task_vectors]).cpu()
         log.info(
             "factorized %d matrices of %d tasks (max rank ratio %s)",
             len(factors),
             len(readers),
             max_rank_ratio,
         )
-        return cls(average, factors, dtypes, len(readers), max_rank_ratio, selection)
+        return cls(average, factors, dtypes, len(readers), max_rank_ratio, selection, norms)
 
     def params(self, rank_ratio: float, scale: float = 1.0) -> CartParams:
         """CART parameters of one grid point (validated, with this grid's selection)."""
@@ -126,18 +140,42 @@ class CartFactors:
             )
         return parsed
 
+    def energy_ranks(self, key: str, energy: float) -> list[int]:
+        """Per task, the rank that holds ``energy`` of τ̄_t's squared norm at ``key``."""
+        ranks = []
+        for f, total in zip(self.factors[key], self.norms[key].tolist(), strict=True):
+            k = energy_rank(f.s, energy, total)
+            if k > f.rank:
+                raise ParameterError(
+                    f"energy {energy} at {key!r} needs more than the {f.rank} factorized "
+                    "singular triplets; factorize with a larger max_rank_ratio"
+                )
+            ranks.append(k)
+        return ranks
+
     def merge(
-        self, rank_ratio: float, scale: float = 1.0, device: str | torch.device | None = "auto"
+        self,
+        rank_ratio: float = 0.12,
+        scale: float = 1.0,
+        device: str | torch.device | None = "auto",
+        energy: float | None = None,
     ) -> StateDict:
-        """The CART merge at (rank_ratio, scale), in the checkpoints' dtypes, on the CPU."""
-        self.params(rank_ratio, scale)
+        """The CART merge at (rank_ratio, scale), or with ranks chosen by ``energy``, in the
+        checkpoints' dtypes, on the CPU."""
+        if energy is None:
+            self.params(rank_ratio, scale)
+        else:
+            CART.parse_params({"energy": energy, "scale": scale})
         compute_device = resolve_device(device)
         merged: StateDict = {}
         for key, avg in self.average.items():
             dtype = self.dtypes[key]
             if key in self.factors:
                 task_factors = self.factors[key]
-                k = rank_for(avg.shape, rank_ratio)
+                if energy is None:
+                    k = rank_for(avg.shape, rank_ratio)
+                else:
+                    k = self.energy_ranks(key, energy)
                 on_device = [f.to(compute_device) for f in task_factors]
                 update = low_rank_sum(on_device, k)
                 merged[key] = (avg.to(compute_device) + scale * update).to(dtype).cpu()
@@ -148,20 +186,14 @@ class CartFactors:
         return merged
 
     def num_bytes(self) -> int:
-        tensors = list(self.average.values())
-        for task_factors in self.factors.values():
-            for f in task_factors:
-                tensors += [f.u, f.s, f.vh]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        average = sum(t.numel() * t.element_size() for t in self.average.values())
+        return average + factors_bytes(self.factors)
 
     def save(self, uri: str | os.PathLike) -> None:
         """Write everything to one safetensors file at ``uri``."""
         tensors: StateDict = {f"average/{k}": v for k, v in self.average.items()}
-        for key, task_factors in self.factors.items():
-            for t, f in enumerate(task_factors):
-                tensors[f"u/{t}/{key}"] = f.u
-                tensors[f"s/{t}/{key}"] = f.s
-                tensors[f"vh/{t}/{key}"] = f.vh
+        tensors.update(factors_to_tensors(self.factors))
+        tensors.update({f"norm2/{key}": norms for key, norms in self.norms.items()})
         metadata = {
             "format": FORMAT,
             "num_tasks": str(self.num_tasks),
@@ -173,26 +205,22 @@ class CartFactors:
 
     @classmethod
     def load(cls, uri: str | os.PathLike, cache: CheckpointCache | None = None) -> CartFactors:
-        with open_checkpoint(uri, cache) as reader:
-            meta = reader.metadata()
-            if meta.get("format") != FORMAT:
-                raise CheckpointError(
-                    f"{uri}: not a CART factors file (format {meta.get('format')!r})"
-                )
-            state = reader.to_state_dict()
+        meta, state = read_formatted(uri, FORMAT, "a CART factors file", cache)
         num_tasks = int(meta["num_tasks"])
         dtypes = {
             k: getattr(torch, name.removeprefix("torch."))
             for k, name in json.loads(meta["dtypes"]).items()
         }
         average = {k: state[f"average/{k}"] for k in dtypes}
-        factors = {
-            key: [
-                Factors(state[f"u/{t}/{key}"], state[f"s/{t}/{key}"], state[f"vh/{t}/{key}"])
-                for t in range(num_tasks)
-            ]
-            for key in dtypes
-            if f"u/0/{key}" in state
-        }
+        factors = factors_from_tensors(state, list(dtypes), num_tasks)
+        norms = {key: state[f"norm2/{key}"] for key in factors}
         selection = LowRankSelection.model_validate_json(meta["selection"])
-        return cls(average, factors, dtypes, num_tasks, float(meta["max_rank_ratio"]), selection)
+        return cls(
+            average,
+            factors,
+            dtypes,
+            num_tasks,
+            float(meta["max_rank_ratio"]),
+            selection,
+            norms,
+        )

@@ -327,3 +327,15 @@ def save_state_dict(
             save_file(tensors, str(tmp), metadata=dict(metadata or {}))
         except (SafetensorError, ValueError, RuntimeError) as exc:
             raise CheckpointError(f"{uri}: cannot write safetensors ({exc})") from None
+
+
+def read_formatted(
+    uri: str | os.PathLike, fmt: str, what: str, cache: CheckpointCache | None = None
+) -> tuple[dict[str, str], StateDict]:
+    """Metadata and tensors of a mergeflow file whose metadata says ``format: fmt``; any
+    other file is refused with an error that says what it is not."""
+    with open_checkpoint(uri, cache) as reader:
+        meta = reader.metadata()
+        if meta.get("format") != fmt:
+            raise CheckpointError(f"{uri}: not {what} (format {meta.get('format')!r})")
+        return meta, reader.to_state_dict()

@@ -3,6 +3,8 @@
     mergeflow merge --method cart --base BASE --finetuned A B C \\
         --param rank_ratio=0.12 --param scale=1.0 --out OUT
     mergeflow methods
+    mergeflow compress --finetuned A B C --tasks a b c --out INDEX
+    mergeflow rebuild INDEX --task b --out B
 
 Bad input ends the command with exit status 2 and one line on stderr saying what is wrong.
 """
@@ -33,6 +35,12 @@ def _parse_param(text: str) -> tuple[str, str]:
     return key.strip(), value.strip()
 
 
+def _add_param_option(parser: argparse.ArgumentParser, help: str) -> None:
+    parser.add_argument(
+        "--param", action="append", default=[], type=_parse_param, metavar="KEY=VALUE", help=help
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _OneLineParser(prog="mergeflow", description="Training-free model merging.")
     parser.add_argument("--version", action="version", version=f"mergeflow {__version__}")
@@ -46,16 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
         "or s3:// URIs) and write the result as safetensors.",
     )
     merge.add_argument("--method", required=True, help="merge method (see `mergeflow methods`)")
-    merge.add_argument("--base", required=True, help="the pre-trained checkpoint they share")
-    merge.add_argument("--finetuned", required=True, nargs="+", metavar="CKPT")
     merge.add_argument(
-        "--param",
-        action="append",
-        default=[],
-        type=_parse_param,
-        metavar="KEY=VALUE",
-        help="a method parameter, repeatable (e.g. rank_ratio=0.12, scale=1.0)",
+        "--base",
+        help="the pre-trained checkpoint they share (needed by task-vector methods, unless "
+        "they run with center=average)",
     )
+    merge.add_argument("--finetuned", required=True, nargs="+", metavar="CKPT")
+    _add_param_option(merge, "a method parameter, repeatable (e.g. rank_ratio=0.12, scale=1.0)")
     merge.add_argument("--out", required=True, help="where to write the merged safetensors")
     merge.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda")
     merge.add_argument(
@@ -64,6 +69,33 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     commands.add_parser("methods", help="list the merge methods and their parameters")
+
+    compress = commands.add_parser(
+        "compress",
+        help="store T fine-tuned models as θ_avg plus rank-k factors (CART index)",
+        description="Build a CART index: the weight average plus each task's rank-k centered "
+        "task vector, one file from which `mergeflow rebuild` gives back any task's model.",
+    )
+    compress.add_argument("--finetuned", required=True, nargs="+", metavar="CKPT")
+    compress.add_argument(
+        "--tasks", nargs="+", metavar="NAME", help="task names, in checkpoint order"
+    )
+    _add_param_option(compress, "rank_ratio (default 0.12), energy, include, exclude")
+    compress.add_argument("--out", required=True, help="where to write the index")
+    compress.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    compress.add_argument("--cache-dir", help="cache for remote checkpoints")
+    compress.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+    rebuild = commands.add_parser(
+        "rebuild",
+        help="write one task's model from a CART index",
+        description="Rebuild task TASK's model from a CART index written by `mergeflow "
+        "compress` and save it as safetensors.",
+    )
+    rebuild.add_argument("index", help="the CART index (path or URI)")
+    rebuild.add_argument("--task", required=True, help="task name (or 0-based index)")
+    rebuild.add_argument("--out", required=True, help="where to write the model")
+    rebuild.add_argument("--device", default="auto", help="auto, cpu, cuda")
 
     run = commands.add_parser(
         "run",
@@ -77,15 +109,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _params(pairs: list[tuple[str, str]]) -> dict[str, str]:
+    params: dict[str, str] = {}
+    for key, value in pairs:
+        if key in params:
+            raise MergeflowError(f"parameter {key!r} given twice")
+        params[key] = value
+    return params
+
+
 def _run_merge(args: argparse.Namespace) -> int:
     from mergeflow.merge import merge_files
     from mergeflow.storage import CheckpointCache
 
-    params: dict[str, str] = {}
-    for key, value in args.param:
-        if key in params:
-            raise MergeflowError(f"parameter {key!r} given twice")
-        params[key] = value
+    params = _params(args.param)
     report = merge_files(
         method=args.method,
         base=args.base,
@@ -96,10 +133,10 @@ def _run_merge(args: argparse.Namespace) -> int:
         cache=CheckpointCache(args.cache_dir) if args.cache_dir else None,
         progress=not args.quiet,
     )
-    described = " ".join(
-        [report.method]
-        + [f"{k}={report.params[k]}" for k in ("rank_ratio", "scale") if k in report.params]
-    )
+    shown = [
+        k for k, v in report.params.items() if k not in ("include", "exclude") and v is not None
+    ]
+    described = " ".join([report.method] + [f"{k}={report.params[k]}" for k in shown])
     print(
         f"wrote {report.out}: {described} merge of {len(args.finetuned)} checkpoints, "
         f"{report.num_tensors} tensors, {report.num_bytes / 2**20:.1f} MiB, {report.seconds:.1f} s"
@@ -125,6 +162,45 @@ def _run_pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_compress(args: argparse.Namespace) -> int:
+    from mergeflow.cart_index import compress_files
+    from mergeflow.storage import CheckpointCache
+
+    tasks = args.tasks or [f"task{i}" for i in range(len(args.finetuned))]
+    if len(tasks) != len(args.finetuned):
+        raise MergeflowError(f"{len(tasks)} --tasks for {len(args.finetuned)} --finetuned")
+    report = compress_files(
+        args.finetuned,
+        tasks,
+        _params(args.param),
+        args.out,
+        device=args.device,
+        cache=CheckpointCache(args.cache_dir) if args.cache_dir else None,
+        progress=not args.quiet,
+    )
+    print(
+        f"wrote {args.out}: {len(tasks)} tasks in {report['index_bytes'] / 2**20:.1f} MiB, "
+        f"{report['ratio']:.3f} of the {report['checkpoint_bytes'] / 2**20:.1f} MiB "
+        "of fine-tuned checkpoints"
+    )
+    return 0
+
+
+def _run_rebuild(args: argparse.Namespace) -> int:
+    from mergeflow.cart_index import CartIndex
+    from mergeflow.checkpoints import save_state_dict
+
+    index = CartIndex.load(args.index)
+    task = int(args.task) if args.task.isdigit() and args.task not in index.tasks else args.task
+    save_state_dict(
+        index.rebuild(task, device=args.device),
+        args.out,
+        {"mergeflow.method": "cart_indexed", "mergeflow.task": str(task)},
+    )
+    print(f"wrote {args.out}: task {task} rebuilt from {args.index}")
+    return 0
+
+
 def _run_methods() -> int:
     from mergeflow.methods import METHODS
 
@@ -146,6 +222,10 @@ def main(argv: list[str] | None = None) -> int:
             return _run_merge(args)
         if args.command == "run":
             return _run_pipeline(args)
+        if args.command == "compress":
+            return _run_compress(args)
+        if args.command == "rebuild":
+            return _run_rebuild(args)
         return _run_methods()
     except MergeflowError as exc:
         print(f"mergeflow {args.command}: error: {exc}", file=sys.stderr)

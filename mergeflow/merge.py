@@ -47,18 +47,41 @@ def merge_readers(
 
     Floating tensors are merged in float32 on ``device`` and returned on the CPU in the
     inputs' dtype. Non-floating tensors (integer buffers) are carried from the base, or from
-    the first fine-tuned checkpoint when there is no base.
+    the first fine-tuned checkpoint when there is no base. Methods that need model-wide
+    statistics first stream over the checkpoints (``MergeMethod.prepare``); either way no
+    more than one key's tensors per input are held besides the output.
     """
     method = get_method(method) if isinstance(method, str) else method
     parsed = method.parse_params(params)
     if not finetuned:
         raise ParameterError("no fine-tuned checkpoints given")
-    if method.uses_base and base is None:
+    uses_base = method.needs_base(parsed)
+    if uses_base and base is None:
         raise ParameterError(f"method {method.name!r} needs a base checkpoint")
     inputs = ([base] if base is not None else []) + list(finetuned)
     layout = common_layout(inputs)
     compute_device = resolve_device(device)
     carrier = base if base is not None else finetuned[0]
+
+    def load(key: str) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        tensors = [r.get(key).to(compute_device, COMPUTE_DTYPE) for r in finetuned]
+        base_tensor = base.get(key).to(compute_device, COMPUTE_DTYPE) if uses_base else None
+        return tensors, base_tensor
+
+    floating = [key for key, (_, dtype) in layout.items() if dtype.is_floating_point]
+    passes = 0
+
+    def sweep():
+        nonlocal passes
+        passes += 1
+        for key in tqdm(
+            floating, desc=f"{method.name} statistics, pass {passes}", disable=not progress
+        ):
+            yield (key, *load(key))
+
+    context = method.prepare(sweep, parsed) if method.prepare is not None else None
+    if passes:
+        log.info("%s: %d statistics passes over the checkpoints", method.name, passes)
 
     merged: StateDict = {}
     keys = tqdm(layout.items(), desc=f"merge {method.name}", unit="tensor", disable=not progress)
@@ -66,9 +89,8 @@ def merge_readers(
         if not dtype.is_floating_point:
             merged[key] = carrier.get(key).clone()
             continue
-        tensors = [r.get(key).to(compute_device, COMPUTE_DTYPE) for r in finetuned]
-        base_tensor = base.get(key).to(compute_device, COMPUTE_DTYPE) if method.uses_base else None
-        result = method.merge_tensor(key, tensors, base_tensor, parsed)
+        tensors, base_tensor = load(key)
+        result = method.merge_tensor(key, tensors, base_tensor, parsed, context)
         merged[key] = result.to(dtype).cpu()
     return merged
 

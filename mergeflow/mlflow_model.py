@@ -2,7 +2,8 @@
 
 ``predict`` takes a DataFrame with a ``task`` column and an ``image`` column (PNG/JPEG
 bytes, ``{"bytes": ...}`` dicts, or H×W(×C) uint8 arrays) and returns, per row, the index
-and name of the predicted class.
+and name of the predicted class. A model logged with a CART index instead of weights
+rebuilds the weights of each task it is asked about (the last one stays loaded).
 """
 
 from __future__ import annotations
@@ -36,9 +37,24 @@ class MergedClip(mlflow.pyfunc.PythonModel):
 
         meta = json.loads(Path(context.artifacts["meta"]).read_text())
         self.classes = {task: tuple(names) for task, names in meta["classes"].items()}
-        self.model = create_model(meta["model"], load_file(context.artifacts["weights"]))
         self.heads = load_file(context.artifacts["heads"])
+        self.index = None
+        self.loaded_task = None
+        if "index" in context.artifacts:
+            from mergeflow.cart_index import CartIndex
+
+            self.index = CartIndex.load(context.artifacts["index"])
+            self.loaded_task = self.index.tasks[0]
+            weights = self.index.rebuild(self.loaded_task)
+        else:
+            weights = load_file(context.artifacts["weights"])
+        self.model = create_model(meta["model"], weights)
         self.transform = image_transform(self.model)
+
+    def _use_task(self, task: str) -> None:
+        if self.index is not None and task != self.loaded_task:
+            self.model.load_state_dict(self.index.rebuild(task))
+            self.loaded_task = task
 
     def predict(self, context, model_input, params=None):
         import pandas as pd
@@ -53,6 +69,7 @@ class MergedClip(mlflow.pyfunc.PythonModel):
         names = [""] * len(model_input)
         positions = {label: i for i, label in enumerate(model_input.index)}
         for task, group in model_input.groupby("task", sort=False):
+            self._use_task(task)
             images = torch.stack([self.transform(_to_pil(v)) for v in group["image"]])
             with torch.no_grad():
                 predicted = classify(self.model, self.heads[task], images).argmax(1).tolist()

@@ -12,20 +12,28 @@ import functools
 import hashlib
 import json
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
 
+from mergeflow.cart_grid import FORMAT as FACTORS_FORMAT
 from mergeflow.cart_grid import CartFactors
 from mergeflow.checkpoints import load_state_dict, open_checkpoint
+from mergeflow.errors import ParameterError
 from mergeflow.evaluation import REPORT, SELECTION, PreparedTask, prepare_tasks, score_all
 from mergeflow.merge import merge_readers
+from mergeflow.methods import get_method
 from mergeflow.models import create_model
 from mergeflow.spec import MergeSpec
 from mergeflow.statedict import StateDict
 from mergeflow.storage import CheckpointCache
 
 log = logging.getLogger(__name__)
+
+
+def _content_key(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:40]
 
 
 def checkpoint_digests(spec: MergeSpec, cache: CheckpointCache) -> dict[str, str]:
@@ -69,9 +77,7 @@ def factorize(spec: MergeSpec, cache: CheckpointCache) -> str:
     cache keyed by the checkpoints' digests; an existing file with that key is reused."""
     digests = checkpoint_digests(spec, cache)
     max_ratio = max(spec.grid.rank_ratios)
-    key = hashlib.sha256(
-        json.dumps([[digests[t.checkpoint] for t in spec.tasks], max_ratio]).encode()
-    ).hexdigest()[:40]
+    key = _content_key(FACTORS_FORMAT, [digests[t.checkpoint] for t in spec.tasks], max_ratio)
     path = cache.root / "factors" / f"{key}.safetensors"
     if path.is_file():
         log.info("reusing CART factors %s", path)
@@ -97,23 +103,102 @@ def grid_point_state(
     return _factors(factors_path).merge(rank_ratio, scale, device=device)
 
 
-def baseline_state(spec: MergeSpec, baseline: str, cache: CheckpointCache) -> StateDict:
-    """The weights of a baseline: ``average``, ``task_arithmetic``, ``zeroshot`` (the base)
-    or ``finetuned:TASK``."""
-    if baseline == "zeroshot":
-        return load_state_dict(spec.base, cache)
-    if baseline.startswith("finetuned:"):
-        task = baseline.split(":", 1)[1]
-        uri = next(t.checkpoint for t in spec.tasks if t.name == task)
-        return load_state_dict(uri, cache)
+def is_per_task(method: str) -> bool:
+    """Whether ``method`` builds one model per task rather than one merged model."""
+    return method not in ("zeroshot", "finetuned") and get_method(method).per_task
+
+
+def merge_state(
+    spec: MergeSpec, cache: CheckpointCache, method: str, params: dict, task: str | None = None
+) -> StateDict:
+    """Run a registered method over the spec's checkpoints (streaming, key by key). A
+    per-task method (tall_masks, cart_indexed) builds ``task``'s model."""
+    merge_method = get_method(method)
+    if merge_method.per_task:
+        if task is None:
+            raise ParameterError(f"method {method!r} builds one model per task: name the task")
+        params = {**params, "task": [t.name for t in spec.tasks].index(task)}
+    parsed = merge_method.parse_params(params)
     readers = [open_checkpoint(t.checkpoint, cache) for t in spec.tasks]
-    base = open_checkpoint(spec.base, cache)
-    params = {"scale": spec.task_arithmetic_scale} if baseline == "task_arithmetic" else {}
+    base = open_checkpoint(spec.base, cache) if merge_method.needs_base(parsed) else None
     try:
-        return merge_readers(baseline, readers, base, params, device=spec.device)
+        return merge_readers(merge_method, readers, base, parsed, device=spec.device)
     finally:
-        for reader in readers + [base]:
+        for reader in readers + ([base] if base else []):
             reader.close()
+
+
+def candidate_state(
+    spec: MergeSpec,
+    cache: CheckpointCache,
+    candidate: dict,
+    factors_path: str | None = None,
+    task: str | None = None,
+) -> StateDict:
+    """The weights of a candidate: ``{"method": "zeroshot"}`` (the base), ``{"method":
+    "finetuned"}`` (``task``'s checkpoint), a CART grid point (from the factors when given),
+    or any registered method with its params."""
+    method, params = candidate["method"], candidate.get("params", {})
+    if method == "zeroshot":
+        return load_state_dict(spec.base, cache)
+    if method == "finetuned":
+        return load_state_dict(next(t.checkpoint for t in spec.tasks if t.name == task), cache)
+    if method == "cart" and factors_path is not None and set(params) <= {"rank_ratio", "scale"}:
+        return grid_point_state(
+            factors_path, params.get("rank_ratio", 0.12), params.get("scale", 1.0), spec.device
+        )
+    return merge_state(spec, cache, method, params, task)
+
+
+def index_path(spec: MergeSpec, cache: CheckpointCache) -> str:
+    """The spec's CART index (compression), built once per checkpoint digests and settings."""
+    from mergeflow.cart_index import FORMAT as INDEX_FORMAT
+    from mergeflow.cart_index import CartIndex
+
+    assert spec.compression is not None
+    digests = checkpoint_digests(spec, cache)
+    key = _content_key(
+        INDEX_FORMAT,
+        [digests[t.checkpoint] for t in spec.tasks],
+        [t.name for t in spec.tasks],
+        spec.compression.model_dump(exclude={"register_model"}),
+    )
+    path = cache.root / "indexes" / f"{key}.safetensors"
+    if path.is_file():
+        log.info("reusing CART index %s", path)
+        return str(path)
+    readers = [open_checkpoint(t.checkpoint, cache) for t in spec.tasks]
+    try:
+        index = CartIndex.build(
+            readers,
+            [t.name for t in spec.tasks],
+            rank_ratio=spec.compression.rank_ratio,
+            energy=spec.compression.energy,
+            device=spec.device,
+        )
+    finally:
+        for reader in readers:
+            reader.close()
+    index.save(path)
+    return str(path)
+
+
+@functools.lru_cache(maxsize=2)
+def load_index(path: str):
+    from mergeflow.cart_index import CartIndex
+
+    return CartIndex.load(path)
+
+
+def checkpoint_bytes(spec: MergeSpec, cache: CheckpointCache) -> int:
+    """Bytes of the spec's fine-tuned checkpoints' tensors."""
+    total = 0
+    for t in spec.tasks:
+        with open_checkpoint(t.checkpoint, cache) as reader:
+            total += sum(
+                math.prod(shape) * dtype.itemsize for shape, dtype in reader.layout().values()
+            )
+    return total
 
 
 def score_grid_point(

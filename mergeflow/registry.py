@@ -58,7 +58,7 @@ def current_champion(client, name: str):
 def register_merged_model(
     name: str,
     model_config: str,
-    weights: Mapping[str, torch.Tensor],
+    weights: Mapping[str, torch.Tensor] | None,
     heads: Mapping[str, torch.Tensor],
     classes: Mapping[str, tuple[str, ...]],
     score: float,
@@ -66,25 +66,36 @@ def register_merged_model(
     metrics: Mapping[str, float],
     tags: Mapping[str, str],
     run_id: str | None = None,
+    index_path: str | None = None,
 ) -> Registration:
     """Log the merged model in a run (the active one or ``run_id``), register a new version
-    of ``name`` with ``tags``, and move the aliases by ``score`` (higher is better)."""
+    of ``name`` with ``tags``, and move the aliases by ``score`` (higher is better).
+
+    ``weights`` is the merged state dict; alternatively ``index_path`` names a CART index
+    (:mod:`mergeflow.cart_index`), and the model rebuilds each task's weights from it."""
+    if (weights is None) == (index_path is None):
+        raise ValueError("give either weights or index_path")
     from safetensors.torch import save_file
 
     mlflow = _mlflow()
     client = mlflow.MlflowClient()
     with tempfile.TemporaryDirectory(prefix="mergeflow-register-") as tmp:
         tmp = Path(tmp)
-        save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "weights.safetensors"))
+        if weights is not None:
+            weights_file = tmp / "weights.safetensors"
+            save_file({k: v.contiguous() for k, v in weights.items()}, str(weights_file))
         save_file({k: v.contiguous() for k, v in heads.items()}, str(tmp / "heads.safetensors"))
         (tmp / "meta.json").write_text(
             json.dumps({"model": model_config, "classes": {k: list(v) for k, v in classes.items()}})
         )
         artifacts = {
-            "weights": str(tmp / "weights.safetensors"),
             "heads": str(tmp / "heads.safetensors"),
             "meta": str(tmp / "meta.json"),
         }
+        if weights is not None:
+            artifacts["weights"] = str(weights_file)
+        else:
+            artifacts["index"] = str(index_path)
         active = mlflow.active_run()
         reuse = active is not None and run_id in (None, active.info.run_id)
         context = nullcontext(active) if reuse else mlflow.start_run(run_id=run_id)

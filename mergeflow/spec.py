@@ -7,16 +7,18 @@ Validation happens before any download, and every error names the field at fault
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mergeflow.errors import ParameterError
 
-BASELINES = ("average", "task_arithmetic", "finetuned", "zeroshot")
+REFERENCES = ("finetuned", "zeroshot")
+DEFAULT_BASELINES = ("average", "task_arithmetic", "finetuned", "zeroshot")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -80,6 +82,95 @@ class TaskSpec(_Frozen):
         return classes
 
 
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"])
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{where}: {msg}" if where else msg
+
+
+def _format_value(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+class MethodSpec(_Frozen):
+    """A merge method with fixed parameters (see ``mergeflow methods``)."""
+
+    method: str = Field(description="registered merge method, e.g. ties")
+    params: dict[str, Any] = Field(default_factory=dict, description="the method's parameters")
+    label: str | None = Field(None, description="name in tables; default: method and params")
+
+    @model_validator(mode="after")
+    def check_method(self) -> MethodSpec:
+        from mergeflow.methods import get_method
+
+        try:
+            method = get_method(self.method)
+            if method.per_task and "task" in self.params:
+                raise ValueError(
+                    f"method {self.method!r} builds one model per task; the pipeline sets 'task'"
+                )
+            method.parse_params({**self.params, **({"task": 0} if method.per_task else {})})
+        except ParameterError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+    @property
+    def name(self) -> str:
+        if self.label:
+            return self.label
+        settings = " ".join(f"{k}={_format_value(v)}" for k, v in sorted(self.params.items()))
+        return f"{self.method} {settings}".strip()
+
+    def candidate(self) -> dict:
+        """What the pipeline's tasks pass around: method, params and label, all small."""
+        return {"method": self.method, "params": dict(self.params), "label": self.name}
+
+
+class FamilySpec(MethodSpec):
+    """A method searched over a grid of parameter values beside CART's rank grid."""
+
+    search: dict[str, tuple[Any, ...]] = Field(
+        default_factory=dict,
+        description="parameter → values to try; every combination is one grid point",
+    )
+
+    @field_validator("search")
+    @classmethod
+    def check_search(cls, search: dict[str, tuple[Any, ...]]) -> dict[str, tuple[Any, ...]]:
+        for name, values in search.items():
+            if not values:
+                raise ValueError(f"search.{name} lists no values")
+        return search
+
+    @model_validator(mode="after")
+    def check_points(self) -> FamilySpec:
+        for point in self.points():
+            point.check_method()
+        return self
+
+    def points(self) -> list[MethodSpec]:
+        names = sorted(self.search)
+        return [
+            MethodSpec(
+                method=self.method, params={**self.params, **dict(zip(names, values, strict=True))}
+            )
+            for values in itertools.product(*(self.search[n] for n in names))
+        ]
+
+
+class CompressionSpec(_Frozen):
+    """CART as compression: θ_avg plus every task's rank-k centered factors in one file."""
+
+    rank_ratio: float = Field(0.12, gt=0.0, le=1.0, description="rank kept per matrix")
+    energy: float | None = Field(
+        None, gt=0.0, le=1.0, description="instead of rank_ratio: share of ‖τ̄_t‖² kept"
+    )
+    register_model: bool = Field(
+        False, description="also register it, as REGISTERED_MODEL-indexed, taking the task name"
+    )
+
+
 class GridSpec(_Frozen):
     rank_ratios: tuple[float, ...] = Field(
         (0.04, 0.08, 0.12, 0.16), min_length=1, description="CART rank ratios, each in (0, 1]"
@@ -101,6 +192,10 @@ class GridSpec(_Frozen):
     def check_scales(cls, scales: tuple[float, ...]) -> tuple[float, ...]:
         return tuple(sorted(set(scales)))
 
+    families: tuple[FamilySpec, ...] = Field(
+        (), description="other methods searched beside CART, e.g. ties over density and scale"
+    )
+
     def points(self) -> list[tuple[float, float]]:
         return [(r, s) for r in self.rank_ratios for s in self.scales]
 
@@ -112,13 +207,55 @@ class MergeSpec(_Frozen):
     base: str = Field(description="URI of the pre-trained checkpoint the tasks started from")
     tasks: tuple[TaskSpec, ...] = Field(min_length=2, description="the fine-tuned tasks")
     grid: GridSpec = GridSpec()
-    baselines: tuple[Literal[BASELINES], ...] = Field(  # type: ignore[valid-type]
-        BASELINES, description="what to score beside the merged model on the report split"
+    baselines: tuple[str | MethodSpec, ...] = Field(
+        DEFAULT_BASELINES,
+        description="what to score beside the merged model on the report split: finetuned, "
+        "zeroshot, a method name (default parameters) or {method, params, label}",
     )
-    task_arithmetic_scale: float = Field(0.3, description="λ of the task-arithmetic baseline")
+    compression: CompressionSpec | None = Field(
+        None, description="also build and score a CART index (compression)"
+    )
     registered_model: str = Field(description="MLflow registered-model name")
     device: str = Field("auto", description="auto (CUDA when present), cpu or cuda")
     batch_size: int = Field(256, gt=0, description="evaluation batch size")
+
+    @field_validator("baselines", mode="before")
+    @classmethod
+    def check_baselines(cls, baselines):
+        if not isinstance(baselines, (list, tuple)):
+            return baselines
+        checked = []
+        for i, baseline in enumerate(baselines):
+            try:
+                if isinstance(baseline, str):
+                    if baseline not in REFERENCES:
+                        MethodSpec(method=baseline)
+                    checked.append(baseline)
+                elif isinstance(baseline, MethodSpec):
+                    checked.append(baseline)
+                else:
+                    checked.append(MethodSpec.model_validate(baseline))
+            except ValidationError as exc:
+                raise ValueError(f"entry {i}: {_first_error(exc)}") from None
+        return checked
+
+    @field_validator("device")
+    @classmethod
+    def check_device(cls, device: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+            raise ValueError(f"use auto, cpu, cuda or cuda:N, not {device!r}")
+        return device
+
+    def baseline_methods(self) -> list[MethodSpec]:
+        """The baselines that are merges, as method specs (finetuned/zeroshot left out)."""
+        return [
+            b if isinstance(b, MethodSpec) else MethodSpec(method=b)
+            for b in self.baselines
+            if not (isinstance(b, str) and b in REFERENCES)
+        ]
+
+    def has_reference(self, name: Literal["finetuned", "zeroshot"]) -> bool:
+        return name in self.baselines
 
     @field_validator("model")
     @classmethod
@@ -146,10 +283,10 @@ class MergeSpec(_Frozen):
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            err = exc.errors()[0]
-            where = ".".join(str(p) for p in err["loc"]) or "spec"
-            msg = err["msg"].removeprefix("Value error, ")
-            raise ParameterError(f"{source}: {where}: {msg}") from None
+            message = _first_error(exc)
+            raise ParameterError(
+                f"{source}: {message if ': ' in message else 'spec: ' + message}"
+            ) from None
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> MergeSpec:

@@ -6,17 +6,28 @@ checkpoint's dtype.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from mergeflow.errors import ParameterError
+
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """``"auto"`` (or None) picks CUDA when available, else CPU."""
+    """``"auto"`` (or None) picks CUDA when available, else CPU; asking for CUDA on a machine
+    without it is an error that says so."""
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ParameterError(f"unknown device {device!r} (use auto, cpu, cuda or cuda:N)") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ParameterError(f"device {device!r} asked for, but CUDA is not available here")
+    if resolved.type not in ("cpu", "cuda"):
+        raise ParameterError(f"device {device!r}: mergeflow runs on cpu or cuda")
+    return resolved
 
 
 def rank_for(shape: Sequence[int], rank_ratio: float) -> int:
@@ -24,6 +35,20 @@ def rank_for(shape: Sequence[int], rank_ratio: float) -> int:
     ``k = max(1, int(rank_ratio * min(m, n)))``."""
     m, n = shape
     return max(1, int(rank_ratio * min(m, n)))
+
+
+def energy_rank(s: torch.Tensor, energy: float, total: float | None = None) -> int:
+    """The smallest k whose top singular values hold ``energy`` of the squared Frobenius
+    norm: Σ_{i≤k} s_i² ≥ energy · total, with ``total`` = Σ s_i² over the whole spectrum
+    (give it when ``s`` is truncated). At least 1; a zero matrix gives 1."""
+    squares = s.double() ** 2
+    total = float(squares.sum()) if total is None else total
+    if total <= 0:
+        return 1
+    reached = torch.cumsum(squares, 0) >= energy * total * (1 - 1e-12)
+    if not bool(reached.any()):
+        return s.shape[0] + 1  # more than the factors hold
+    return max(1, int(torch.argmax(reached.to(torch.int8))) + 1)
 
 
 @dataclass(frozen=True)
@@ -58,13 +83,59 @@ def truncated_svd(matrix: torch.Tensor, k: int) -> Factors:
     return Factors(u[:, :k].contiguous(), s[:k].contiguous(), vh[:k].contiguous())
 
 
-def low_rank_sum(factors: Sequence[Factors], k: int) -> torch.Tensor:
-    """``Σ_t U_t[:, :k] diag(S_t[:k]) Vh_t[:k]`` as one (m, Tk) @ (Tk, n) product, float32."""
+def low_rank_sum(factors: Sequence[Factors], k: int | Sequence[int]) -> torch.Tensor:
+    """``Σ_t U_t[:, :k_t] diag(S_t[:k_t]) Vh_t[:k_t]`` as one (m, Σk) @ (Σk, n) product,
+    float32; ``k`` is one rank for every task or one per task."""
     if not factors:
         raise ValueError("low_rank_sum needs at least one set of factors")
-    for f in factors:
-        if f.rank < k:
-            raise ValueError(f"factors hold rank {f.rank}, asked for rank {k}")
-    left = torch.cat([f.u[:, :k] for f in factors], dim=1)
-    right = torch.cat([f.s[:k, None] * f.vh[:k] for f in factors], dim=0)
+    ranks = [k] * len(factors) if isinstance(k, int) else list(k)
+    for f, rank in zip(factors, ranks, strict=True):
+        if f.rank < rank:
+            raise ValueError(f"factors hold rank {f.rank}, asked for rank {rank}")
+    left = torch.cat([f.u[:, :r] for f, r in zip(factors, ranks, strict=True)], dim=1)
+    right = torch.cat(
+        [f.s[:r, None] * f.vh[:r] for f, r in zip(factors, ranks, strict=True)], dim=0
+    )
     return left @ right
+
+
+def orthogonalize(matrix: torch.Tensor) -> torch.Tensor:
+    """The orthogonal polar factor ``U @ Vh`` of ``matrix = U S Vh``: the nearest matrix with
+    orthonormal columns (tall) or rows (wide), same shape, float32."""
+    u, _, vh = torch.linalg.svd(matrix, full_matrices=False)
+    return u @ vh
+
+
+def factors_to_tensors(factors: Mapping[str, Sequence[Factors]]) -> dict[str, torch.Tensor]:
+    """Per-key, per-task factors as flat tensors ``u/{t}/{key}``, ``s/{t}/{key}``,
+    ``vh/{t}/{key}``, for saving in one safetensors file."""
+    tensors = {}
+    for key, task_factors in factors.items():
+        for t, f in enumerate(task_factors):
+            tensors[f"u/{t}/{key}"] = f.u
+            tensors[f"s/{t}/{key}"] = f.s
+            tensors[f"vh/{t}/{key}"] = f.vh
+    return tensors
+
+
+def factors_from_tensors(
+    tensors: Mapping[str, torch.Tensor], keys: Sequence[str], num_tasks: int
+) -> dict[str, list[Factors]]:
+    """The inverse of :func:`factors_to_tensors`, for those of ``keys`` that have factors."""
+    return {
+        key: [
+            Factors(tensors[f"u/{t}/{key}"], tensors[f"s/{t}/{key}"], tensors[f"vh/{t}/{key}"])
+            for t in range(num_tasks)
+        ]
+        for key in keys
+        if f"u/0/{key}" in tensors
+    }
+
+
+def factors_bytes(factors: Mapping[str, Sequence[Factors]]) -> int:
+    return sum(
+        x.numel() * x.element_size()
+        for task_factors in factors.values()
+        for f in task_factors
+        for x in (f.u, f.s, f.vh)
+    )

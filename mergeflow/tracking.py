@@ -8,7 +8,9 @@ method, its settings, URIs and digests only.
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 from collections.abc import Mapping
 
 import torch
@@ -35,6 +37,21 @@ def _use_experiment(name: str) -> None:
     mlflow.set_experiment(name)
 
 
+_METRIC_UNSAFE = re.compile(r"[^A-Za-z0-9_./ -]+")
+
+
+def metric_name(text: str) -> str:
+    """``text`` with the characters MLflow refuses in metric names replaced."""
+    return _METRIC_UNSAFE.sub("_", text).strip("_")
+
+
+def _score(summary: Mapping) -> float:
+    """What the aliases compare: mean normalized accuracy, or mean accuracy without a
+    fine-tuned reference."""
+    value = summary["mean_normalized"]
+    return summary["mean_accuracy"] if math.isnan(value) else value
+
+
 def record_run(
     spec: MergeSpec,
     weights: Mapping[str, torch.Tensor],
@@ -45,19 +62,18 @@ def record_run(
     comparison: dict,
     lineage: Mapping[str, str],
 ) -> dict:
-    """``grid``: one dict per point with rank_ratio, scale, accuracy (per task), mean_accuracy,
-    mean_normalized. ``comparison``: candidate → summary on the report split."""
+    """``grid``: one dict per point with method, params, label, accuracy (per task),
+    mean_accuracy, mean_normalized. ``best``: the chosen point. ``comparison``: label →
+    summary on the report split, the chosen point's under its label."""
     import mlflow
 
     _use_experiment(_experiment_name(spec))
-    cart = comparison["cart"]
-    with mlflow.start_run(run_name=f"cart rank={best['rank_ratio']} scale={best['scale']}") as run:
+    winner = comparison[best["label"]]
+    with mlflow.start_run(run_name=best["label"]) as run:
         mlflow.set_tags({"mergeflow.spec": spec.model_dump_json()[:5000], **lineage})
         for i, point in enumerate(grid):
-            with mlflow.start_run(
-                run_name=f"grid rank={point['rank_ratio']} scale={point['scale']}", nested=True
-            ):
-                mlflow.log_params({"rank_ratio": point["rank_ratio"], "scale": point["scale"]})
+            with mlflow.start_run(run_name=f"grid {point['label']}", nested=True):
+                mlflow.log_params({"method": point["method"], **point["params"]})
                 mlflow.log_metrics(
                     {
                         "selection_mean_accuracy": point["mean_accuracy"],
@@ -68,15 +84,15 @@ def record_run(
             # the same figures as steps of the parent, so one chart shows them against rank
             mlflow.log_metric("grid_selection_mean_normalized", point["mean_normalized"], step=i)
         metrics = {
-            SCORE_METRIC: cart["mean_normalized"],
-            "report_mean_accuracy": cart["mean_accuracy"],
+            SCORE_METRIC: winner["mean_normalized"],
+            "report_mean_accuracy": winner["mean_accuracy"],
         }
-        for task, acc in cart["accuracy"].items():
+        for task, acc in winner["accuracy"].items():
             metrics[f"report_accuracy.{task}"] = acc
-            metrics[f"report_normalized.{task}"] = cart["normalized"][task]
+            metrics[f"report_normalized.{task}"] = winner["normalized"][task]
         for candidate, summary in comparison.items():
-            if candidate != "cart":
-                name = candidate.replace(":", ".")
+            if candidate != best["label"]:
+                name = metric_name(candidate.replace(":", "."))
                 metrics[f"baseline.{name}.report_mean_accuracy"] = summary["mean_accuracy"]
         mlflow.log_text(
             json.dumps({"grid": grid, "comparison": comparison}, indent=2), "results.json"
@@ -87,11 +103,10 @@ def record_run(
             weights=weights,
             heads=heads,
             classes=classes,
-            score=cart["mean_normalized"],
+            score=_score(winner),
             params={
-                "method": "cart",
-                "rank_ratio": best["rank_ratio"],
-                "scale": best["scale"],
+                "method": best["method"],
+                **best["params"],
                 "model": spec.model,
                 "num_tasks": len(spec.tasks),
             },
@@ -99,12 +114,64 @@ def record_run(
             tags={
                 **lineage,
                 "mergeflow.version": mergeflow.__version__,
-                "method": "cart",
-                "rank_ratio": str(best["rank_ratio"]),
-                "scale": str(best["scale"]),
+                "method": best["method"],
+                "params": json.dumps(best["params"], sort_keys=True),
+                **{k: str(v) for k, v in best["params"].items() if k in ("rank_ratio", "scale")},
             },
             run_id=run.info.run_id,
         )
+    return _registration_result(registration, spec)
+
+
+def record_index(
+    spec: MergeSpec,
+    compression: Mapping,
+    summary: Mapping,
+    heads: Mapping[str, torch.Tensor],
+    classes: Mapping[str, tuple[str, ...]],
+    lineage: Mapping[str, str],
+) -> dict:
+    """Register the CART index as ``REGISTERED_MODEL-indexed``: one model that rebuilds the
+    named task's weights on demand. ``summary``: per-task report accuracy of the rebuilt
+    models against the fine-tuned ones."""
+    import mlflow
+
+    assert spec.compression is not None
+    _use_experiment(_experiment_name(spec))
+    name = f"{spec.registered_model}-indexed"
+    settings = spec.compression.model_dump(exclude={"register_model"}, exclude_none=True)
+    with mlflow.start_run(run_name=f"cart_indexed {settings}") as run:
+        mlflow.set_tags(dict(lineage))
+        metrics = {
+            "index_bytes": compression["index_bytes"],
+            "checkpoint_bytes": compression["checkpoint_bytes"],
+            "storage_ratio": compression["ratio"],
+            "report_mean_accuracy": summary["mean_accuracy"],
+            SCORE_METRIC: summary["mean_normalized"],
+            **{f"report_accuracy.{t}": a for t, a in summary["accuracy"].items()},
+        }
+        registration = register_merged_model(
+            name=name,
+            model_config=spec.model,
+            weights=None,
+            index_path=compression["path"],
+            heads=heads,
+            classes=classes,
+            score=_score(summary),
+            params={"method": "cart_indexed", **settings, "model": spec.model},
+            metrics=metrics,
+            tags={
+                **lineage,
+                "mergeflow.version": mergeflow.__version__,
+                "method": "cart_indexed",
+                "params": json.dumps(settings, sort_keys=True),
+            },
+            run_id=run.info.run_id,
+        )
+    return _registration_result(registration, spec)
+
+
+def _registration_result(registration, spec: MergeSpec) -> dict:
     return {
         "name": registration.name,
         "version": registration.version,

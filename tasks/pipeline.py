@@ -46,27 +46,58 @@ def evaluate_grid_point(
     return pipeline.score_grid_point(spec, _cache(cache_dir), factors_path, rank_ratio, scale)
 
 
-@task(name="score candidate", task_run_name="score {candidate} on {split}")
+@task(name="score candidate", task_run_name="score {candidate[label]} on {split}")
 def score_candidate(
     spec: MergeSpec,
-    candidate: str,
+    candidate: dict,
     split: str = REPORT,
     factors_path: str | None = None,
-    rank_ratio: float | None = None,
-    scale: float | None = None,
     cache_dir: str | None = None,
 ) -> dict[str, float]:
-    """Per-task accuracy of ``cart`` (a grid point) or of a baseline on a split."""
-    cache = _cache(cache_dir)
-    if candidate == "cart":
-        state = pipeline.grid_point_state(factors_path, rank_ratio, scale, spec.device)
-    else:
-        state = pipeline.baseline_state(spec, candidate, cache)
+    """Per-task accuracy of a candidate ({method, params, label}) on a split. Candidates that
+    are one model per task (finetuned, tall_masks, cart_indexed) score each task's own model
+    on that task only."""
     if split not in (SELECTION, REPORT):
         raise ValueError(f"split must be {SELECTION!r} or {REPORT!r}, not {split!r}")
-    # a task's own fine-tuned model is scored on that task only
-    only = candidate.split(":", 1)[1] if candidate.startswith("finetuned:") else None
-    return pipeline.evaluation_context(spec, cache).score(state, split, only)
+    cache = _cache(cache_dir)
+    context = pipeline.evaluation_context(spec, cache)
+    if candidate["method"] == "finetuned" or pipeline.is_per_task(candidate["method"]):
+        scores = {}
+        for t in spec.tasks:
+            state = pipeline.candidate_state(spec, cache, candidate, factors_path, task=t.name)
+            scores.update(context.score(state, split, only=t.name))
+        return scores
+    state = pipeline.candidate_state(spec, cache, candidate, factors_path)
+    return context.score(state, split)
+
+
+@task(name="compress", task_run_name="compress {spec.registered_model}", tags=["gpu"])
+def compress_checkpoints(spec: MergeSpec, cache_dir: str | None = None) -> dict:
+    """Build (or reuse) the CART index; returns its path and its size against the checkpoints."""
+    cache = _cache(cache_dir)
+    path = pipeline.index_path(spec, cache)
+    index_bytes = pipeline.load_index(path).num_bytes()
+    checkpoint_bytes = pipeline.checkpoint_bytes(spec, cache)
+    return {
+        "path": path,
+        "index_bytes": index_bytes,
+        "checkpoint_bytes": checkpoint_bytes,
+        "ratio": index_bytes / checkpoint_bytes,
+    }
+
+
+@task(name="score index", task_run_name="score the CART index on {split}")
+def score_index(
+    spec: MergeSpec, index_path: str, split: str = REPORT, cache_dir: str | None = None
+) -> dict[str, float]:
+    """Each task's model rebuilt from the index, scored on that task."""
+    cache = _cache(cache_dir)
+    context = pipeline.evaluation_context(spec, cache)
+    index = pipeline.load_index(index_path)
+    scores = {}
+    for t in spec.tasks:
+        scores.update(context.score(index.rebuild(t.name, spec.device), split, only=t.name))
+    return scores
 
 
 @task(
@@ -88,6 +119,22 @@ def register_winner(
     from mergeflow.tracking import record_run
 
     cache = _cache(cache_dir)
-    state = pipeline.grid_point_state(factors_path, best["rank_ratio"], best["scale"], spec.device)
+    state = pipeline.candidate_state(spec, cache, best, factors_path)
     heads, classes = pipeline.heads_and_classes(spec, cache)
     return record_run(spec, state, heads, classes, best, grid, comparison, lineage)
+
+
+@task(
+    name="register index",
+    task_run_name="register {spec.registered_model}-indexed",
+    retries=2,
+    retry_delay_seconds=[5, 30],
+)
+def register_index(
+    spec: MergeSpec, compression: dict, scores: dict, lineage: dict, cache_dir: str | None = None
+) -> dict:
+    """Register the CART index as one model that takes the task name."""
+    from mergeflow.tracking import record_index
+
+    heads, classes = pipeline.heads_and_classes(spec, _cache(cache_dir))
+    return record_index(spec, compression, scores, heads, classes, lineage)

@@ -1,6 +1,7 @@
 """The merge pipeline end to end on a reduced zoo: S3 (moto server), Prefect, MLflow."""
 
 import io
+import json
 import os
 
 import mlflow
@@ -59,33 +60,54 @@ def test_pipeline_registers_a_champion_that_classifies(
     folder, manifest = zoo
     prefix = f"s3://{bucket}/zoo"
     assert upload_zoo(folder, prefix) > 0
-    spec = zoo_spec(manifest, prefix, "zoo-test", rank_ratios=(0.1, 0.5), scales=(1.0, 2.0))
+    spec = zoo_spec(
+        manifest,
+        prefix,
+        "zoo-test",
+        rank_ratios=(0.1, 0.5),
+        scales=(1.0, 2.0),
+        families=[{"method": "ties", "search": {"scale": [0.5, 1.0]}}],
+        baselines=["average", "task_arithmetic", "zeroshot", "finetuned", "tall_masks"],
+        compression={"rank_ratio": 0.25, "register_model": True},
+    )
     cache_dir = str(tmp_path / "cache")
     result = merge_pipeline(spec, cache_dir)
 
-    assert len(result["grid"]) == 4
-    assert {"cart", "average", "task_arithmetic", "zeroshot", "finetuned"} <= set(
-        result["comparison"]
-    )
+    assert len(result["grid"]) == 6
+    assert {p["family"] for p in result["grid"]} == {"cart", "ties"}
     best = result["best"]
-    by_point = {(p["rank_ratio"], p["scale"]): p["mean_normalized"] for p in result["grid"]}
-    assert by_point[(best["rank_ratio"], best["scale"])] == max(by_point.values())
+    comparison = result["comparison"]
+    assert {
+        "average",
+        "task_arithmetic",
+        "zeroshot",
+        "finetuned",
+        "tall_masks",
+        "cart_indexed rank_ratio=0.25",
+        best["label"],
+        *result["family_best"].values(),
+    } == set(comparison)
+    by_label = {p["label"]: p["mean_normalized"] for p in result["grid"]}
+    assert by_label[best["label"]] == max(by_label.values())
+    for family, label in result["family_best"].items():
+        same_family = [p["mean_normalized"] for p in result["grid"] if p["family"] == family]
+        assert by_label[label] == max(same_family)
 
     client = mlflow.MlflowClient()
     champion = client.get_model_version_by_alias("zoo-test", "champion")
     assert str(champion.version) == result["registration"]["version"] == "1"
-    assert champion.tags["method"] == "cart"
-    assert champion.tags["rank_ratio"] == str(best["rank_ratio"])
+    assert champion.tags["method"] == best["method"]
+    assert json.loads(champion.tags["params"]) == best["params"]
     assert len(champion.tags["source.base.sha256"]) == 64
     assert champion.tags["source.shapes.uri"] == f"{prefix}/checkpoints/shapes.safetensors"
     run = client.get_run(champion.run_id)
-    assert run.data.params["method"] == "cart"
+    assert run.data.params["method"] == best["method"]
     for task in TASKS:
         assert f"report_accuracy.{task}" in run.data.metrics
     nested = client.search_runs(
         [run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'"
     )
-    assert len(nested) == 4
+    assert len(nested) == 6
 
     # the model loaded by alias classifies as the merged weights do
     model = mlflow.pyfunc.load_model("models:/zoo-test@champion")
@@ -106,18 +128,30 @@ def test_pipeline_registers_a_champion_that_classifies(
     cache = CheckpointCache(cache_dir)
     context = pipeline.evaluation_context(spec, cache)
     factors = pipeline.factorize(spec, cache)
-    merged = pipeline.grid_point_state(factors, best["rank_ratio"], best["scale"], "cpu")
-    context.model.load_state_dict(merged)
-    expected = []
+    merged = pipeline.candidate_state(spec, cache, best, factors)
     transform = image_transform(context.model)
-    for task in TASKS:
-        head = next(t.head for t in context.tasks if t.name == task)
-        images = torch.stack(
-            [transform(Image.open(io.BytesIO(b))) for b in frame[frame.task == task]["image"]]
-        )
-        with torch.no_grad():
-            expected += classify(context.model, head, images).argmax(1).tolist()
-    assert predicted["label_index"].tolist() == expected
+
+    def expected_labels(state_of_task):
+        expected = []
+        for task in TASKS:
+            context.model.load_state_dict(state_of_task(task))
+            head = next(t.head for t in context.tasks if t.name == task)
+            images = torch.stack(
+                [transform(Image.open(io.BytesIO(b))) for b in frame[frame.task == task]["image"]]
+            )
+            with torch.no_grad():
+                expected += classify(context.model, head, images).argmax(1).tolist()
+        return expected
+
+    assert predicted["label_index"].tolist() == expected_labels(lambda task: merged)
+
+    # the CART index is one registered model that rebuilds the weights of the task asked for
+    compression = result["compression"]
+    assert compression["index_bytes"] < compression["checkpoint_bytes"]
+    indexed = mlflow.pyfunc.load_model("models:/zoo-test-indexed@champion")
+    index = pipeline.load_index(compression["path"])
+    rebuilt = indexed.predict(frame)["label_index"].tolist()
+    assert rebuilt == expected_labels(lambda task: index.rebuild(task, "cpu"))
 
     # a second run that is no better leaves the champion where it is
     again = merge_pipeline(spec, cache_dir)
@@ -127,13 +161,20 @@ def test_pipeline_registers_a_champion_that_classifies(
     assert os.environ["MLFLOW_TRACKING_URI"] == tracking
 
 
-def test_selection_prefers_best_then_smaller_rank():
+def test_selection_prefers_best_then_cart_then_smaller_rank():
     from flows.merge_pipeline import _pick_best
 
+    def point(method, score, **params):
+        return {"method": method, "params": params, "mean_normalized": score}
+
     grid = [
-        {"rank_ratio": 0.1, "scale": 1.0, "mean_normalized": 0.8},
-        {"rank_ratio": 0.2, "scale": 1.0, "mean_normalized": 0.9},
-        {"rank_ratio": 0.05, "scale": 2.0, "mean_normalized": 0.9},
-        {"rank_ratio": 0.05, "scale": 1.0, "mean_normalized": 0.9},
+        point("cart", 0.8, rank_ratio=0.1, scale=1.0),
+        point("cart", 0.9, rank_ratio=0.2, scale=1.0),
+        point("ties", 0.9, scale=0.5),
+        point("cart", 0.9, rank_ratio=0.05, scale=2.0),
+        point("cart", 0.9, rank_ratio=0.05, scale=1.0),
     ]
-    assert _pick_best(grid) == grid[3]
+    assert _pick_best(grid) == grid[4]
+    assert _pick_best(grid[:3]) == grid[1]
+    grid.append(point("ties", 0.91, scale=1.0))
+    assert _pick_best(grid) == grid[-1]

@@ -48,7 +48,20 @@ def _task(i, **changes):
         (spec_dict(grid={"rank_ratios": [0.0]}), r"grid\.rank_ratios: rank ratio 0\.0"),
         (spec_dict(grid={"rank_ratios": []}), r"grid\.rank_ratios"),
         (spec_dict(grid={"scales": []}), r"grid\.scales"),
-        (spec_dict(baselines=["average", "magic"]), r"baselines\.1"),
+        (spec_dict(baselines=["average", "magic"]), r"baselines: entry 1: unknown merge method"),
+        (
+            spec_dict(baselines=[{"method": "ties", "params": {"density": 2}}]),
+            r"baselines: entry 0: method 'ties', parameter 'density'",
+        ),
+        (
+            spec_dict(baselines=[{"method": "tall_masks", "params": {"task": 1}}]),
+            r"entry 0: method 'tall_masks' builds one model per task",
+        ),
+        (
+            spec_dict(grid={"families": [{"method": "pcb", "search": {"ratio": [0.1, 3]}}]}),
+            r"grid\.families\.0: method 'pcb', parameter 'ratio'",
+        ),
+        (spec_dict(device="gpu"), r"device: use auto, cpu, cuda"),
         (spec_dict(colour="red"), r"colour"),
         (_task(1, templates=["no placeholder"]), r"tasks\.1\.templates: .*'\{c\}'"),
         (_task(0, classes=["a", "a"]), r"tasks\.0\.classes: class names must be distinct"),
@@ -70,3 +83,39 @@ def test_yaml_errors_name_the_file(tmp_path):
         MergeSpec.from_yaml(bad)
     with pytest.raises(ParameterError, match=r"absent\.yaml: cannot read"):
         MergeSpec.from_yaml(tmp_path / "absent.yaml")
+
+
+def test_baselines_and_families_name_methods_with_parameters(tmp_path):
+    spec = MergeSpec.parse(
+        spec_dict(
+            baselines=[
+                "average",
+                "finetuned",
+                {"method": "ties", "params": {"density": 0.1}},
+                {"method": "pcb", "label": "pcb default"},
+                "tall_masks",
+            ],
+            grid={
+                "rank_ratios": [0.1],
+                "families": [{"method": "dare", "params": {"p": 0.3}, "search": {"scale": [1, 2]}}],
+            },
+            compression={"rank_ratio": 0.2},
+        )
+    )
+    assert [b.name for b in spec.baseline_methods()] == [
+        "average",
+        "ties density=0.1",
+        "pcb default",
+        "tall_masks",
+    ]
+    assert spec.has_reference("finetuned") and not spec.has_reference("zeroshot")
+    points = spec.grid.families[0].points()
+    assert [p.params for p in points] == [{"p": 0.3, "scale": 1}, {"p": 0.3, "scale": 2}]
+    assert points[1].candidate() == {
+        "method": "dare",
+        "params": {"p": 0.3, "scale": 2},
+        "label": "dare p=0.3 scale=2",
+    }
+    path = tmp_path / "spec.yaml"
+    path.write_text(spec.to_yaml())
+    assert MergeSpec.from_yaml(path) == spec

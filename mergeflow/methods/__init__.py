@@ -3,11 +3,34 @@
 from __future__ import annotations
 
 from mergeflow.errors import ParameterError
-from mergeflow.methods import average, cart, task_arithmetic
+from mergeflow.methods import (
+    average,
+    cart,
+    cart_indexed,
+    consensus,
+    dare,
+    iso,
+    pcb,
+    task_arithmetic,
+    ties,
+    tsv,
+)
 from mergeflow.methods.base import MergeMethod, MethodParams
 
 METHODS: dict[str, MergeMethod] = {
-    m.METHOD.name: m.METHOD for m in (average, task_arithmetic, cart)
+    m.name: m
+    for m in (
+        average.METHOD,
+        task_arithmetic.METHOD,
+        ties.METHOD,
+        dare.METHOD,
+        tsv.METHOD,
+        *iso.METHODS,
+        *consensus.METHODS,
+        pcb.METHOD,
+        cart.METHOD,
+        cart_indexed.METHOD,
+    )
 }
 
 

@@ -17,7 +17,11 @@ class AverageParams(MethodParams):
 
 
 def merge_tensor(
-    key: str, finetuned: Sequence[torch.Tensor], base: torch.Tensor | None, params: AverageParams
+    key: str,
+    finetuned: Sequence[torch.Tensor],
+    base: torch.Tensor | None,
+    params: AverageParams,
+    context=None,
 ) -> torch.Tensor:
     return torch.stack(list(finetuned)).mean(0)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,16 +18,26 @@ class MethodParams(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
-MergeTensorFn = Callable[[str, Sequence[torch.Tensor], "torch.Tensor | None", Any], torch.Tensor]
+MergeTensorFn = Callable[
+    [str, Sequence[torch.Tensor], "torch.Tensor | None", Any, Any], torch.Tensor
+]
+Sweep = Callable[[], Iterator[tuple[str, list[torch.Tensor], "torch.Tensor | None"]]]
+"""Starts one pass over the model: yields (key, fine-tuned tensors, base tensor or None) for
+every floating key, float32 on the compute device, one key at a time."""
 
 
 @dataclass(frozen=True)
 class MergeMethod:
     """A merge method as data.
 
-    ``merge_tensor(key, finetuned, base, params)`` receives the T fine-tuned tensors for one
-    key (float32, on the compute device, each of the checkpoint's shape) and the base tensor
-    (or None when the method does not use it) and returns the merged float32 tensor.
+    ``merge_tensor(key, finetuned, base, params, context)`` receives the T fine-tuned tensors
+    for one key (float32, on the compute device, each of the checkpoint's shape), the base
+    tensor (or None when the method does not use it) and returns the merged float32 tensor.
+
+    Methods whose per-tensor rule depends on statistics of the whole model (TIES trims by a
+    model-wide magnitude quantile) give ``prepare(sweep, params)``, which streams over the
+    model as often as it needs and returns the ``context`` handed to every ``merge_tensor``
+    call; for the others ``context`` is None.
     """
 
     name: str
@@ -35,7 +45,14 @@ class MergeMethod:
     reference: str
     params: type[MethodParams]
     merge_tensor: MergeTensorFn
-    uses_base: bool
+    uses_base: bool | Callable[[Any], bool]
+    prepare: Callable[[Sweep, Any], Any] | None = None
+    per_task: bool = False
+    """True for methods that build one model per task (a ``task`` parameter), not one merge."""
+
+    def needs_base(self, params: MethodParams) -> bool:
+        """Whether the merge with ``params`` reads the base checkpoint."""
+        return self.uses_base(params) if callable(self.uses_base) else self.uses_base
 
     def parse_params(self, raw: Mapping[str, Any] | MethodParams | None = None) -> MethodParams:
         """Validate ``raw`` against this method's parameters; errors name the field."""
@@ -62,3 +79,12 @@ class MergeMethod:
             default = "required" if field.is_required() else f"default {field.default!r}"
             parts.append(f"{name} ({default})")
         return ", ".join(parts) or "no parameters"
+
+
+def check_task_index(method: str, task: int, num_tasks: int) -> None:
+    """A per-task method's ``task`` must index one of the fine-tuned checkpoints."""
+    if task >= num_tasks:
+        raise ParameterError(
+            f"method {method!r}: task {task} is out of range for {num_tasks} fine-tuned "
+            "checkpoints (0-based)"
+        )

@@ -6,7 +6,8 @@ Choi et al., "Revisiting Weight Averaging for Model Merging" (2024).
     θ     = θ_avg + λ · Σ_t SVD_k(τ̄_t)        for selected weight matrices
     θ     = θ_avg                              for every other tensor
 
-with ``k = max(1, int(rank_ratio · min(m, n)))``. The centered vectors of a non-selected
+with ``k = max(1, int(rank_ratio · min(m, n)))``, or, with ``energy`` set, k chosen per matrix
+and task as the smallest rank holding that share of ‖τ̄_t‖²_F. The centered vectors of a non-selected
 tensor sum to zero, so it ends at θ_avg; at full rank the selected ones do too, and CART is
 weight averaging. The base checkpoint plays no part in the result.
 
@@ -23,7 +24,7 @@ import torch
 from pydantic import Field, field_validator
 
 from mergeflow.methods.base import MergeMethod, MethodParams
-from mergeflow.svd import low_rank_sum, rank_for, truncated_svd
+from mergeflow.svd import energy_rank, low_rank_sum, rank_for, truncated_svd
 
 DEFAULT_INCLUDE = ("attn", "mlp")
 DEFAULT_EXCLUDE = ("ln", "bias")
@@ -63,11 +64,25 @@ class LowRankSelection(MethodParams):
         )
 
 
+class AllMatrices(LowRankSelection):
+    """Every 2-D tensor, as TSV and Iso-C/Iso-CTS treat them in their papers."""
+
+    include: tuple[str, ...] = Field((".*",), description="regexes a low-rank key matches")
+    exclude: tuple[str, ...] = Field((), description="regexes a low-rank key avoids")
+
+
 class CartParams(LowRankSelection):
     rank_ratio: float = Field(
         0.12, gt=0.0, le=1.0, description="fraction of min(m, n) singular triplets kept"
     )
     scale: float = Field(1.0, description="λ, the weight of the summed low-rank vectors")
+    energy: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="instead of rank_ratio: per matrix and task, the smallest rank whose "
+        "singular values hold this share of the centered vector's squared norm",
+    )
 
 
 def centered(finetuned: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -77,11 +92,19 @@ def centered(finetuned: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torc
 
 
 def merge_tensor(
-    key: str, finetuned: Sequence[torch.Tensor], base: torch.Tensor | None, params: CartParams
+    key: str,
+    finetuned: Sequence[torch.Tensor],
+    base: torch.Tensor | None,
+    params: CartParams,
+    context=None,
 ) -> torch.Tensor:
     average, task_vectors = centered(finetuned)
     if not params.selects(key, average.shape):
         return average
+    if params.energy is not None:
+        factors = [truncated_svd(tau, min(average.shape)) for tau in task_vectors]
+        ranks = [min(energy_rank(f.s, params.energy), f.rank) for f in factors]
+        return average + params.scale * low_rank_sum(factors, ranks)
     k = rank_for(average.shape, params.rank_ratio)
     factors = [truncated_svd(tau, k) for tau in task_vectors]
     return average + params.scale * low_rank_sum(factors, k)

@@ -1,6 +1,7 @@
 """Task arithmetic: θ = θ_0 + λ · Σ_t (θ_t − θ_0).
 
-Ilharco et al., "Editing Models with Task Arithmetic", ICLR 2023.
+Ilharco et al., "Editing Models with Task Arithmetic", ICLR 2023. With ``center: average``
+the origin is θ_avg and the centered vectors sum to zero, so the result is weight averaging.
 """
 
 from __future__ import annotations
@@ -10,10 +11,11 @@ from collections.abc import Sequence
 import torch
 from pydantic import Field
 
-from mergeflow.methods.base import MergeMethod, MethodParams
+from mergeflow.methods.base import MergeMethod
+from mergeflow.methods.task_vectors import TaskVectorParams, origin_and_vectors, uses_base
 
 
-class TaskArithmeticParams(MethodParams):
+class TaskArithmeticParams(TaskVectorParams):
     scale: float = Field(0.3, description="λ, the weight of the summed task vectors")
 
 
@@ -22,10 +24,10 @@ def merge_tensor(
     finetuned: Sequence[torch.Tensor],
     base: torch.Tensor | None,
     params: TaskArithmeticParams,
+    context=None,
 ) -> torch.Tensor:
-    assert base is not None
-    task_vector_sum = torch.stack([theta - base for theta in finetuned]).sum(0)
-    return base + params.scale * task_vector_sum
+    origin, task_vectors = origin_and_vectors(finetuned, base, params.center)
+    return origin + params.scale * torch.stack(task_vectors).sum(0)
 
 
 METHOD = MergeMethod(
@@ -34,5 +36,5 @@ METHOD = MergeMethod(
     reference="Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023",
     params=TaskArithmeticParams,
     merge_tensor=merge_tensor,
-    uses_base=True,
+    uses_base=uses_base,
 )

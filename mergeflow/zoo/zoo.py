@@ -251,9 +251,10 @@ def zoo_spec(
     registered_model: str,
     rank_ratios=(0.04, 0.08, 0.12, 0.16, 0.25),
     scales=(1.0, 1.5, 2.0),
+    families=(),
     **overrides,
 ):
-    """The merge spec of a zoo stored under ``prefix``."""
+    """The merge spec of a zoo stored under ``prefix``; ``families``: other methods' grids."""
     from mergeflow.spec import MergeSpec
 
     prefix = prefix.rstrip("/")
@@ -270,7 +271,11 @@ def zoo_spec(
             }
             for t in manifest["tasks"]
         ],
-        "grid": {"rank_ratios": list(rank_ratios), "scales": list(scales)},
+        "grid": {
+            "rank_ratios": list(rank_ratios),
+            "scales": list(scales),
+            "families": list(families),
+        },
         "registered_model": registered_model,
         **overrides,
     }

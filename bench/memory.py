@@ -1,0 +1,103 @@
+"""Peak memory of a streaming merge as the number of fine-tuned checkpoints grows.
+
+On ViT-B/32-shaped image towers (open_clip names, fp32, 88M parameters, written as
+safetensors), runs one merge per T in 2, 4, 8, 16, each in its own process, and prints peak
+RSS (VmHWM) next to the size of one checkpoint and of all T. A merge reads tensor by tensor,
+so peak memory should be the output plus a few tensors per task: going from T = 2 to T = 16
+should add less than one checkpoint's size. TIES is measured too: its model-wide trim
+threshold takes two extra streaming passes, not a flattened model.
+
+Usage: ``python bench/memory.py [--workdir DIR] [--methods cart,ties] [--tasks 2,4,8,16]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from grid import _rss_mib, machine_line, prepare
+
+PARAMS = {"cart": {"rank_ratio": 0.12, "scale": 1.0}, "ties": {"density": 0.2, "scale": 1.0}}
+
+
+def run_child(method: str, base: str, paths: list[str], out: str) -> dict:
+    from mergeflow.merge import merge_files
+
+    rss_start = _rss_mib("VmRSS")
+    started = time.perf_counter()
+    uses_base = method != "cart"
+    merge_files(method, base if uses_base else None, paths, PARAMS[method], out, device="cpu")
+    return {
+        "seconds": time.perf_counter() - started,
+        "peak_rss_mib": _rss_mib("VmHWM"),
+        "rss_start_mib": rss_start,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--methods", default="cart,ties")
+    parser.add_argument("--tasks", default="2,4,8,16")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("paths", nargs="*", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        base, out, *paths = args.paths
+        print(json.dumps(run_child(args.child, base, paths, out)))
+        return
+
+    counts = [int(t) for t in args.tasks.split(",")]
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="mergeflow-memory-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    print(machine_line())
+    started = time.perf_counter()
+    paths = prepare(workdir, max(counts))
+    checkpoint_mib = paths[0].stat().st_size / 2**20
+    print(
+        f"checkpoints: {max(counts)} x {checkpoint_mib:.0f} MiB (fp32 ViT-B/32 image tower) in "
+        f"{workdir}, ready in {time.perf_counter() - started:.0f} s"
+    )
+    print()
+    header = f"{'method':7s} {'T':>3s} {'all ckpts MiB':>14s} {'peak RSS MiB':>13s}"
+    print(header + f" {'at start MiB':>13s} {'wall s':>8s}")
+    for method in args.methods.split(","):
+        peaks = {}
+        for count in counts:
+            out = workdir / f"merged-{method}.safetensors"
+            command = [
+                sys.executable,
+                __file__,
+                "--child",
+                method,
+                str(workdir / "base.safetensors"),
+            ]
+            result = subprocess.run(
+                command + [str(out), *map(str, paths[:count])],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            r = json.loads(result.stdout.strip().splitlines()[-1])
+            peaks[count] = r["peak_rss_mib"]
+            print(
+                f"{method:7s} {count:3d} {count * checkpoint_mib:14.0f} {r['peak_rss_mib']:13.0f} "
+                f"{r['rss_start_mib']:13.0f} {r['seconds']:8.1f}",
+                flush=True,
+            )
+        growth = peaks[max(counts)] - peaks[min(counts)]
+        verdict = "met" if growth < checkpoint_mib else "NOT met"
+        print(
+            f"{method}: T={min(counts)} -> T={max(counts)} adds {growth:.0f} MiB of peak RSS; "
+            f"one checkpoint is {checkpoint_mib:.0f} MiB (target: less than one checkpoint, "
+            f"{verdict})"
+        )
+
+
+if __name__ == "__main__":
+    main()
