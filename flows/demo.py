@@ -65,25 +65,57 @@ DEMO_FAMILIES = [
     {"method": "consensus", "search": {"scale": [0.2, 0.3, 0.5]}},
     {"method": "pcb", "search": {"scale": [0.5, 1.0, 1.5]}},
 ]
-DEMO_BASELINES = ["zeroshot", "average", "finetuned", "tall_masks"]
+# data-aware methods adapt on the validation images (never their labels)
+DEMO_BASELINES = [
+    "zeroshot",
+    "average",
+    "finetuned",
+    "tall_masks",
+    {"method": "fisher", "params": {"samples": 64}},
+    {"method": "regmean", "params": {"samples": 64}},
+    {"method": "adamerging", "params": {"steps": 100, "lr": 1e-3}},
+    {"method": "cart_adamerging", "params": {"steps": 100, "lr": 1e-3, "init": 1.5}},
+    {
+        "method": "cart_adamerging",
+        "label": "cart_adamerging eata",
+        "params": {"steps": 100, "lr": 1e-3, "init": 1.5, "select": "eata"},
+    },
+]
 
 
 def _table(comparison: dict, tasks: list[str]) -> str:
-    first, last = ["zeroshot", "average"], ["finetuned"]
-    middle = sorted(
-        (n for n in comparison if n not in first + last),
-        key=lambda n: comparison[n]["mean_accuracy"],
-    )
-    names = [n for n in first if n in comparison] + middle + [n for n in last if n in comparison]
-    label = max(17, *(len(n) + 1 for n in names))
+    """Report accuracy per task: references, data-free merges and data-aware merges apart,
+    each group sorted by mean accuracy."""
+    label = max(17, *(len(n) + 1 for n in comparison))
     width = max(9, *(len(t) for t in tasks))
     header = f"{'method':{label}s}" + "".join(f"{t[:width]:>{width + 1}s}" for t in tasks)
     lines = [header + "     mean"]
-    for name in names:
-        acc = comparison[name]["accuracy"]
-        cells = "".join(f"{100 * acc[t]:>{width + 1}.1f}" for t in tasks)
-        lines.append(f"{name:{label}s}{cells}{100 * comparison[name]['mean_accuracy']:>9.1f}")
+    for kind in ("reference", "data-free", "data-aware"):
+        names = sorted(
+            (n for n, s in comparison.items() if s.get("kind", "data-free") == kind),
+            key=lambda n: comparison[n]["mean_accuracy"],
+        )
+        if names:
+            lines.append(f"-- {kind}")
+        for name in names:
+            acc = comparison[name]["accuracy"]
+            cells = "".join(f"{100 * acc[t]:>{width + 1}.1f}" for t in tasks)
+            lines.append(f"{name:{label}s}{cells}{100 * comparison[name]['mean_accuracy']:>9.1f}")
     return "\n".join(lines)
+
+
+def _adaptation_lines(comparison: dict) -> list[str]:
+    lines = []
+    for name, summary in comparison.items():
+        info = summary.get("adaptation") or {}
+        if "entropy_before" in info:
+            kept = info.get("samples_kept", {})
+            share = sum(kept.values()) / len(kept) if kept else 1.0
+            lines.append(
+                f"  {name}: mean entropy {info['entropy_before']:.3f} -> "
+                f"{info['entropy_after']:.3f}, samples used {100 * share:.0f}%"
+            )
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,6 +176,10 @@ def main(argv: list[str] | None = None) -> int:
         f"chosen: {result['best']['label']} "
         "(best mean normalized accuracy on the validation splits)"
     )
+    adaptation = _adaptation_lines(result["comparison"])
+    if adaptation:
+        print("test-time adaptation (coefficients are in MLflow, results.json):")
+        print("\n".join(adaptation))
     compression = result["compression"]
     if compression:
         print(

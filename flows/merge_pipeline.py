@@ -13,7 +13,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from mergeflow.evaluation import REPORT, SELECTION, summarize
-from mergeflow.pipeline import is_per_task
+from mergeflow.pipeline import is_data_aware, is_per_task
 from mergeflow.spec import MergeSpec
 from tasks.checkpoints import fetch_checkpoint
 from tasks.pipeline import (
@@ -21,6 +21,7 @@ from tasks.pipeline import (
     evaluate_grid_point,
     factorize_checkpoints,
     prepare_evaluation,
+    read_adaptation,
     register_index,
     register_winner,
     score_candidate,
@@ -110,30 +111,39 @@ def merge_pipeline(spec: MergeSpec, cache_dir: str | None = None) -> dict:
     winner = {k: best[k] for k in ("method", "params", "label")}
     print(f"selected {winner['label']}")
 
+    # the report split: each family's best point, the baselines, the references
+    report = {
+        p["label"]: {k: p[k] for k in ("method", "params", "label")} for p in family_best.values()
+    }
+    report.update({b.name: b.candidate() for b in spec.baseline_methods()})
     report_scores = {}
-    if spec.has_reference("finetuned"):
-        report_scores["finetuned"] = score_candidate(spec, finetuned, REPORT, cache_dir=cache_dir)
-    if spec.has_reference("zeroshot"):
-        zeroshot = {"method": "zeroshot", "params": {}, "label": "zeroshot"}
-        report_scores["zeroshot"] = score_candidate(spec, zeroshot, REPORT, cache_dir=cache_dir)
-    for point in family_best.values():
-        candidate = {k: point[k] for k in ("method", "params", "label")}
-        report_scores[point["label"]] = score_candidate(
-            spec, candidate, REPORT, factors_path, cache_dir
-        )
-    for baseline in spec.baseline_methods():
-        report_scores[baseline.name] = score_candidate(
-            spec, baseline.candidate(), REPORT, factors_path, cache_dir
-        )
+    for name in ("finetuned", "zeroshot"):
+        if spec.has_reference(name):
+            reference_candidate = {"method": name, "params": {}, "label": name}
+            report_scores[name] = score_candidate(
+                spec, reference_candidate, REPORT, cache_dir=cache_dir
+            )
+    for name, candidate in report.items():
+        report_scores[name] = score_candidate(spec, candidate, REPORT, factors_path, cache_dir)
     compression = None
     if spec.compression is not None:
         compression = compress_checkpoints(spec, cache_dir)
         settings = spec.compression.model_dump(exclude={"register_model"}, exclude_none=True)
         label = "cart_indexed " + " ".join(f"{k}={v}" for k, v in settings.items())
         compression["label"] = label
+        report[label] = {"method": "cart_indexed", "params": settings, "label": label}
         report_scores[label] = score_index(spec, compression["path"], REPORT, cache_dir)
     reference = report_scores.get("finetuned") or {t.name: math.nan for t in spec.tasks}
     comparison = {name: summarize(scores, reference) for name, scores in report_scores.items()}
+    # the report keeps data-free merges, data-aware ones and the references apart
+    for name, summary in comparison.items():
+        if name not in report:
+            summary["kind"] = "reference"
+        elif is_data_aware(report[name]["method"]):
+            summary["kind"] = "data-aware"
+            summary["adaptation"] = read_adaptation(spec, report[name], cache_dir)
+        else:
+            summary["kind"] = "data-free"
 
     registration = register_winner(spec, factors_path, winner, grid, comparison, lineage, cache_dir)
     if compression is not None and spec.compression.register_model:

@@ -30,8 +30,8 @@ from mergeflow.checkpoints import (
 from mergeflow.errors import ParameterError
 from mergeflow.merge import common_layout
 from mergeflow.methods.cart import METHOD as CART
-from mergeflow.methods.cart import CartParams, LowRankSelection, centered
-from mergeflow.statedict import COMPUTE_DTYPE, StateDict
+from mergeflow.methods.cart import CartParams, LowRankSelection
+from mergeflow.statedict import COMPUTE_DTYPE, StateDict, mean_of
 from mergeflow.storage import CheckpointCache
 from mergeflow.svd import (
     Factors,
@@ -114,12 +114,16 @@ class CartFactors:
                 average[key] = readers[0].get(key).clone()
                 continue
             tensors = [r.get(key).to(compute_device, COMPUTE_DTYPE) for r in readers]
-            avg, task_vectors = centered(tensors)
+            avg = mean_of(tensors)
             average[key] = avg.cpu()
             if selection.selects(key, shape):
                 k_max = rank_for(shape, max_rank_ratio)
-                factors[key] = [truncated_svd(tau, k_max).to("cpu") for tau in task_vectors]
-                norms[key] = torch.stack([tau.square().sum() for tau in task_vectors]).cpu()
+                factors[key], task_norms = [], []
+                for theta in tensors:  # one centered vector alive at a time
+                    tau = theta - avg
+                    factors[key].append(truncated_svd(tau, k_max).to("cpu"))
+                    task_norms.append(tau.square().sum())
+                norms[key] = torch.stack(task_norms).cpu()
         log.info(
             "factorized %d matrices of %d tasks (max rank ratio %s)",
             len(factors),

@@ -26,6 +26,7 @@ from mergeflow.checkpoints import (
     save_state_dict,
 )
 from mergeflow.errors import ParameterError
+from mergeflow.memory import release_large_frees
 from mergeflow.merge import common_layout
 from mergeflow.methods.cart import centered
 from mergeflow.methods.cart_indexed import METHOD as CART_INDEXED
@@ -188,6 +189,7 @@ def compress_files(
 ) -> dict:
     """Build a CART index of ``finetuned`` (paths or URIs), write it to ``out``, and report
     its size against the checkpoints'."""
+    release_large_frees()
     parsed = CART_INDEXED.parse_params({"task": 0, **dict(params)})
     cache = cache or CheckpointCache()
     readers = [open_checkpoint(uri, cache) for uri in finetuned]

@@ -202,10 +202,12 @@ def _run_rebuild(args: argparse.Namespace) -> int:
 
 
 def _run_methods() -> int:
+    from mergeflow.data_aware import DATA_AWARE
     from mergeflow.methods import METHODS
 
-    for name, method in sorted(METHODS.items()):
-        print(f"{name:18s} {method.summary}")
+    for name, method in sorted({**METHODS, **DATA_AWARE}.items()):
+        needs = " [needs samples: pipeline only]" if name in DATA_AWARE else ""
+        print(f"{name:18s} {method.summary}{needs}")
         print(f"{'':18s} params: {method.describe_params()}")
         print(f"{'':18s} {method.reference}")
     return 0

@@ -23,7 +23,7 @@ from mergeflow.svd import resolve_device
 
 log = logging.getLogger(__name__)
 
-SELECTION, REPORT = "selection", "report"
+SELECTION, REPORT, ADAPTATION = "selection", "report", "adaptation"
 
 
 @dataclass(frozen=True)
@@ -46,10 +46,17 @@ def prepare_task(
 ) -> PreparedTask:
     """Head and prepared selection/report splits for one task; errors name the task."""
     transform, key = image_transform(base_model), transform_key(base_model)
+    dataset = task.dataset
     splits = {
-        SELECTION: prepare_split(task.dataset, task.dataset.selection_split, transform, key, cache),
-        REPORT: prepare_split(task.dataset, task.dataset.report_split, transform, key, cache),
+        SELECTION: prepare_split(dataset, dataset.selection_split, transform, key, cache),
+        REPORT: prepare_split(dataset, dataset.report_split, transform, key, cache),
     }
+    # images data-aware methods adapt on (their labels are never used)
+    by_name = {dataset.selection_split: splits[SELECTION], dataset.report_split: splits[REPORT]}
+    adaptation = dataset.adaptation_split or dataset.selection_split
+    splits[ADAPTATION] = by_name.get(adaptation) or prepare_split(
+        dataset, adaptation, transform, key, cache
+    )
     classes = task.classes or splits[SELECTION].label_names
     if not classes:
         raise ParameterError(

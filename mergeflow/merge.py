@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 import mergeflow
 from mergeflow.checkpoints import CheckpointReader, open_checkpoint, save_state_dict
 from mergeflow.errors import ParameterError
+from mergeflow.memory import release_large_frees
 from mergeflow.methods import MergeMethod, MethodParams, get_method
 from mergeflow.statedict import COMPUTE_DTYPE, Layout, StateDict, check_same_layout
 from mergeflow.storage import CheckpointCache
@@ -117,6 +118,7 @@ def merge_files(
 ) -> MergeReport:
     """Read checkpoints from local paths or URIs, merge, and write safetensors to ``out``."""
     started = time.perf_counter()
+    release_large_frees()
     merge_method = get_method(method)
     parsed = merge_method.parse_params(params)
     cache = cache or CheckpointCache()

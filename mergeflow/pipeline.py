@@ -19,15 +19,25 @@ import torch
 
 from mergeflow.cart_grid import FORMAT as FACTORS_FORMAT
 from mergeflow.cart_grid import CartFactors
-from mergeflow.checkpoints import load_state_dict, open_checkpoint
+from mergeflow.checkpoints import load_state_dict, open_checkpoint, save_state_dict
+from mergeflow.data_aware import DataAwareInputs, DataAwareMethod, TaskSamples
 from mergeflow.errors import ParameterError
-from mergeflow.evaluation import REPORT, SELECTION, PreparedTask, prepare_tasks, score_all
+from mergeflow.evaluation import (
+    ADAPTATION,
+    REPORT,
+    SELECTION,
+    PreparedTask,
+    prepare_tasks,
+    score_all,
+)
+from mergeflow.memory import release_large_frees
 from mergeflow.merge import merge_readers
-from mergeflow.methods import get_method
+from mergeflow.methods import find_method, get_method
 from mergeflow.models import create_model
 from mergeflow.spec import MergeSpec
 from mergeflow.statedict import StateDict
 from mergeflow.storage import CheckpointCache
+from mergeflow.svd import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +92,7 @@ def factorize(spec: MergeSpec, cache: CheckpointCache) -> str:
     if path.is_file():
         log.info("reusing CART factors %s", path)
         return str(path)
+    release_large_frees()
     readers = [open_checkpoint(t.checkpoint, cache) for t in spec.tasks]
     try:
         factors = CartFactors.factorize(readers, max_rank_ratio=max_ratio, device=spec.device)
@@ -105,7 +116,63 @@ def grid_point_state(
 
 def is_per_task(method: str) -> bool:
     """Whether ``method`` builds one model per task rather than one merged model."""
-    return method not in ("zeroshot", "finetuned") and get_method(method).per_task
+    return method not in ("zeroshot", "finetuned") and find_method(method).per_task
+
+
+def is_data_aware(method: str) -> bool:
+    """Whether ``method`` reads samples of the tasks (AdaMerging, Fisher, RegMean, ...)."""
+    return method not in ("zeroshot", "finetuned") and isinstance(
+        find_method(method), DataAwareMethod
+    )
+
+
+def data_aware_path(spec: MergeSpec, cache: CheckpointCache, candidate: dict) -> str:
+    """Run a data-aware method once per (checkpoints, method, params, samples) and keep its
+    merged weights, with what it learned in the file's metadata, under the cache."""
+    method = find_method(candidate["method"])
+    params = method.parse_params(candidate.get("params", {}))
+    digests = checkpoint_digests(spec, cache)
+    samples_from = [
+        (t.dataset.uri, t.dataset.adaptation_split or t.dataset.selection_split) for t in spec.tasks
+    ]
+    key = _content_key(
+        "data-aware/1",
+        [digests[spec.base]] + [digests[t.checkpoint] for t in spec.tasks],
+        method.name,
+        params.model_dump(mode="json"),
+        samples_from,
+    )
+    path = cache.root / "adapted" / f"{key}.safetensors"
+    if path.is_file():
+        log.info("reusing %s result %s", method.name, path)
+        return str(path)
+    context = evaluation_context(spec, cache)
+    base = load_state_dict(spec.base, cache)
+    samples = []
+    for t in context.tasks:
+        images = t.splits[ADAPTATION].images
+        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
+        samples.append(TaskSamples(t.name, images[order], t.head))
+    inputs = DataAwareInputs(
+        model=create_model(spec.model, base),
+        base=base,
+        finetuned=[load_state_dict(t.checkpoint, cache) for t in spec.tasks],
+        samples=samples,
+        device=resolve_device(spec.device),
+    )
+    outcome = method.run(inputs, params)
+    save_state_dict(
+        outcome.state,
+        path,
+        {"mergeflow.method": method.name, "mergeflow.info": json.dumps(outcome.info)},
+    )
+    return str(path)
+
+
+def adaptation_info(spec: MergeSpec, cache: CheckpointCache, candidate: dict) -> dict:
+    """What a data-aware candidate learned (coefficients, entropies, ...), from its file."""
+    with open_checkpoint(data_aware_path(spec, cache, candidate)) as reader:
+        return json.loads(reader.metadata().get("mergeflow.info", "{}"))
 
 
 def merge_state(
@@ -119,6 +186,7 @@ def merge_state(
             raise ParameterError(f"method {method!r} builds one model per task: name the task")
         params = {**params, "task": [t.name for t in spec.tasks].index(task)}
     parsed = merge_method.parse_params(params)
+    release_large_frees()
     readers = [open_checkpoint(t.checkpoint, cache) for t in spec.tasks]
     base = open_checkpoint(spec.base, cache) if merge_method.needs_base(parsed) else None
     try:
@@ -143,6 +211,8 @@ def candidate_state(
         return load_state_dict(spec.base, cache)
     if method == "finetuned":
         return load_state_dict(next(t.checkpoint for t in spec.tasks if t.name == task), cache)
+    if is_data_aware(method):
+        return load_state_dict(data_aware_path(spec, cache, candidate))
     if method == "cart" and factors_path is not None and set(params) <= {"rank_ratio", "scale"}:
         return grid_point_state(
             factors_path, params.get("rank_ratio", 0.12), params.get("scale", 1.0), spec.device

@@ -38,6 +38,11 @@ class DatasetSpec(_Frozen):
     )
     selection_split: str = Field("validation", description="split that picks the grid point")
     report_split: str = Field("test", description="split of the final comparison")
+    adaptation_split: str | None = Field(
+        None,
+        description="split whose images (never labels) data-aware methods adapt on; "
+        "default: the selection split",
+    )
     image_column: str = "image"
     label_column: str = "label"
     max_samples: int | None = Field(
@@ -102,10 +107,10 @@ class MethodSpec(_Frozen):
 
     @model_validator(mode="after")
     def check_method(self) -> MethodSpec:
-        from mergeflow.methods import get_method
+        from mergeflow.methods import find_method
 
         try:
-            method = get_method(self.method)
+            method = find_method(self.method)
             if method.per_task and "task" in self.params:
                 raise ValueError(
                     f"method {self.method!r} builds one model per task; the pipeline sets 'task'"

@@ -109,3 +109,11 @@ def mean(states: Sequence[Mapping[str, torch.Tensor]]) -> StateDict:
 def scale(state: Mapping[str, torch.Tensor], factor: float) -> StateDict:
     """``factor * state`` per key."""
     return _combine([state], lambda v: v[0] * factor)
+
+
+def mean_of(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """θ_avg, accumulated in place: one extra tensor, not a (T, …) stack."""
+    total = tensors[0].clone()
+    for theta in tensors[1:]:
+        total.add_(theta)
+    return total.div_(len(tensors))

@@ -71,6 +71,12 @@ def score_candidate(
     return context.score(state, split)
 
 
+@task(name="read adaptation", task_run_name="read what {candidate[label]} learned")
+def read_adaptation(spec: MergeSpec, candidate: dict, cache_dir: str | None = None) -> dict:
+    """Coefficients, entropies and sample counts of a data-aware candidate (from its file)."""
+    return pipeline.adaptation_info(spec, _cache(cache_dir), candidate)
+
+
 @task(name="compress", task_run_name="compress {spec.registered_model}", tags=["gpu"])
 def compress_checkpoints(spec: MergeSpec, cache_dir: str | None = None) -> dict:
     """Build (or reuse) the CART index; returns its path and its size against the checkpoints."""

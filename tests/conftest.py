@@ -110,3 +110,25 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=180):
         yield
+
+
+ZOO_TASKS = ("shapes", "letters", "digits")
+
+
+@pytest.fixture(scope="session")
+def zoo(tmp_path_factory):
+    """A reduced offline zoo (3 tasks, short training), built once per session."""
+    from mergeflow.zoo.zoo import ZooConfig, build_zoo
+
+    folder = tmp_path_factory.mktemp("zoo")
+    config = ZooConfig(
+        tasks=ZOO_TASKS,
+        pretrain_steps=40,
+        finetune_steps=25,
+        max_per_task=360,
+        test_size=60,
+        validation_size=40,
+        workers=2,
+    )
+    manifest = build_zoo(folder, config, say=lambda line: None)
+    return folder, manifest

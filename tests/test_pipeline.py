@@ -8,28 +8,11 @@ import mlflow
 import pandas as pd
 import pytest
 import torch
+from conftest import ZOO_TASKS as TASKS
 from PIL import Image
 
 from mergeflow.models import image_transform
 from mergeflow.zoo.zoo import ZooConfig, build_zoo, upload_zoo, zoo_spec
-
-TASKS = ("shapes", "letters", "digits")
-
-
-@pytest.fixture(scope="module")
-def zoo(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("zoo")
-    config = ZooConfig(
-        tasks=TASKS,
-        pretrain_steps=40,
-        finetune_steps=25,
-        max_per_task=360,
-        test_size=60,
-        validation_size=40,
-        workers=2,
-    )
-    manifest = build_zoo(folder, config, say=lambda line: None)
-    return folder, manifest
 
 
 @pytest.fixture
@@ -67,7 +50,15 @@ def test_pipeline_registers_a_champion_that_classifies(
         rank_ratios=(0.1, 0.5),
         scales=(1.0, 2.0),
         families=[{"method": "ties", "search": {"scale": [0.5, 1.0]}}],
-        baselines=["average", "task_arithmetic", "zeroshot", "finetuned", "tall_masks"],
+        baselines=[
+            "average",
+            "task_arithmetic",
+            "zeroshot",
+            "finetuned",
+            "tall_masks",
+            {"method": "regmean", "params": {"samples": 16}},
+            {"method": "adamerging", "params": {"steps": 3, "samples": 16}},
+        ],
         compression={"rank_ratio": 0.25, "register_model": True},
     )
     cache_dir = str(tmp_path / "cache")
@@ -84,9 +75,17 @@ def test_pipeline_registers_a_champion_that_classifies(
         "finetuned",
         "tall_masks",
         "cart_indexed rank_ratio=0.25",
+        "regmean samples=16",
+        "adamerging samples=16 steps=3",
         best["label"],
         *result["family_best"].values(),
     } == set(comparison)
+    kinds = {name: summary["kind"] for name, summary in comparison.items()}
+    assert kinds["finetuned"] == kinds["zeroshot"] == "reference"
+    assert kinds["regmean samples=16"] == kinds["adamerging samples=16 steps=3"] == "data-aware"
+    assert kinds["average"] == kinds[best["label"]] == "data-free"
+    learned = comparison["adamerging samples=16 steps=3"]["adaptation"]["coefficients"]
+    assert set(learned) == set(TASKS)
     by_label = {p["label"]: p["mean_normalized"] for p in result["grid"]}
     assert by_label[best["label"]] == max(by_label.values())
     for family, label in result["family_best"].items():

@@ -34,13 +34,28 @@ METHODS: dict[str, MergeMethod] = {
 }
 
 
-def get_method(name: str) -> MergeMethod:
-    """The registered method called ``name``; the error lists the known ones."""
-    try:
+def find_method(name: str):
+    """The data-free (:class:`MergeMethod`) or data-aware method called ``name``; the error
+    lists the known ones."""
+    from mergeflow.data_aware import DATA_AWARE
+
+    if name in METHODS:
         return METHODS[name]
-    except KeyError:
-        known = ", ".join(sorted(METHODS))
-        raise ParameterError(f"unknown merge method {name!r} (known: {known})") from None
+    if name in DATA_AWARE:
+        return DATA_AWARE[name]
+    known = ", ".join(sorted([*METHODS, *DATA_AWARE]))
+    raise ParameterError(f"unknown merge method {name!r} (known: {known})")
 
 
-__all__ = ["METHODS", "MergeMethod", "MethodParams", "get_method"]
+def get_method(name: str) -> MergeMethod:
+    """The data-free method called ``name``; a data-aware one is refused with the reason."""
+    method = find_method(name)
+    if not isinstance(method, MergeMethod):
+        raise ParameterError(
+            f"method {name!r} needs samples of each task: run it from a pipeline spec "
+            "(as a baseline or a grid family)"
+        )
+    return method
+
+
+__all__ = ["METHODS", "MergeMethod", "MethodParams", "find_method", "get_method"]

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import torch
 
 from mergeflow.methods.base import MergeMethod, MethodParams
+from mergeflow.statedict import mean_of
 
 
 class AverageParams(MethodParams):
@@ -23,7 +24,7 @@ def merge_tensor(
     params: AverageParams,
     context=None,
 ) -> torch.Tensor:
-    return torch.stack(list(finetuned)).mean(0)
+    return mean_of(finetuned)
 
 
 METHOD = MergeMethod(

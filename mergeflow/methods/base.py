@@ -27,32 +27,13 @@ every floating key, float32 on the compute device, one key at a time."""
 
 
 @dataclass(frozen=True)
-class MergeMethod:
-    """A merge method as data.
-
-    ``merge_tensor(key, finetuned, base, params, context)`` receives the T fine-tuned tensors
-    for one key (float32, on the compute device, each of the checkpoint's shape), the base
-    tensor (or None when the method does not use it) and returns the merged float32 tensor.
-
-    Methods whose per-tensor rule depends on statistics of the whole model (TIES trims by a
-    model-wide magnitude quantile) give ``prepare(sweep, params)``, which streams over the
-    model as often as it needs and returns the ``context`` handed to every ``merge_tensor``
-    call; for the others ``context`` is None.
-    """
+class Described:
+    """A method's name, one-line summary, paper, and parameter model."""
 
     name: str
     summary: str
     reference: str
     params: type[MethodParams]
-    merge_tensor: MergeTensorFn
-    uses_base: bool | Callable[[Any], bool]
-    prepare: Callable[[Sweep, Any], Any] | None = None
-    per_task: bool = False
-    """True for methods that build one model per task (a ``task`` parameter), not one merge."""
-
-    def needs_base(self, params: MethodParams) -> bool:
-        """Whether the merge with ``params`` reads the base checkpoint."""
-        return self.uses_base(params) if callable(self.uses_base) else self.uses_base
 
     def parse_params(self, raw: Mapping[str, Any] | MethodParams | None = None) -> MethodParams:
         """Validate ``raw`` against this method's parameters; errors name the field."""
@@ -79,6 +60,31 @@ class MergeMethod:
             default = "required" if field.is_required() else f"default {field.default!r}"
             parts.append(f"{name} ({default})")
         return ", ".join(parts) or "no parameters"
+
+
+@dataclass(frozen=True)
+class MergeMethod(Described):
+    """A merge method as data.
+
+    ``merge_tensor(key, finetuned, base, params, context)`` receives the T fine-tuned tensors
+    for one key (float32, on the compute device, each of the checkpoint's shape), the base
+    tensor (or None when the method does not use it) and returns the merged float32 tensor.
+
+    Methods whose per-tensor rule depends on statistics of the whole model (TIES trims by a
+    model-wide magnitude quantile) give ``prepare(sweep, params)``, which streams over the
+    model as often as it needs and returns the ``context`` handed to every ``merge_tensor``
+    call; for the others ``context`` is None.
+    """
+
+    merge_tensor: MergeTensorFn
+    uses_base: bool | Callable[[Any], bool]
+    prepare: Callable[[Sweep, Any], Any] | None = None
+    per_task: bool = False
+    """True for methods that build one model per task (a ``task`` parameter), not one merge."""
+
+    def needs_base(self, params: MethodParams) -> bool:
+        """Whether the merge with ``params`` reads the base checkpoint."""
+        return self.uses_base(params) if callable(self.uses_base) else self.uses_base
 
 
 def check_task_index(method: str, task: int, num_tasks: int) -> None:

@@ -24,6 +24,7 @@ import torch
 from pydantic import Field, field_validator
 
 from mergeflow.methods.base import MergeMethod, MethodParams
+from mergeflow.statedict import mean_of
 from mergeflow.svd import energy_rank, low_rank_sum, rank_for, truncated_svd
 
 DEFAULT_INCLUDE = ("attn", "mlp")
@@ -87,7 +88,7 @@ class CartParams(LowRankSelection):
 
 def centered(finetuned: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """θ_avg and the centered task vectors τ̄_t = θ_t − θ_avg (float32 in, float32 out)."""
-    average = torch.stack(list(finetuned)).mean(0)
+    average = mean_of(finetuned)
     return average, [theta - average for theta in finetuned]
 
 
@@ -98,16 +99,18 @@ def merge_tensor(
     params: CartParams,
     context=None,
 ) -> torch.Tensor:
-    average, task_vectors = centered(finetuned)
+    average = mean_of(finetuned)
     if not params.selects(key, average.shape):
         return average
+    # one centered vector at a time: only its kept factors outlive its SVD, so memory does
+    # not grow with T beyond the T input tensors
     if params.energy is not None:
-        factors = [truncated_svd(tau, min(average.shape)) for tau in task_vectors]
+        factors = [truncated_svd(theta - average, min(average.shape)) for theta in finetuned]
         ranks = [min(energy_rank(f.s, params.energy), f.rank) for f in factors]
         return average + params.scale * low_rank_sum(factors, ranks)
     k = rank_for(average.shape, params.rank_ratio)
-    factors = [truncated_svd(tau, k) for tau in task_vectors]
-    return average + params.scale * low_rank_sum(factors, k)
+    factors = [truncated_svd(theta - average, k) for theta in finetuned]
+    return average.add_(low_rank_sum(factors, k), alpha=params.scale)
 
 
 METHOD = MergeMethod(

@@ -23,6 +23,7 @@ from pydantic import Field
 
 from mergeflow.methods.base import MethodParams, Sweep
 from mergeflow.order_stats import per_task_order_statistics
+from mergeflow.statedict import mean_of
 
 Center = Literal["base", "average"]
 
@@ -44,7 +45,7 @@ def origin_and_vectors(
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The origin (θ_0 or θ_avg) and the task vectors θ_t − origin, float32 like the inputs."""
     if center == "average":
-        origin = torch.stack(list(finetuned)).mean(0)
+        origin = mean_of(finetuned)
     else:
         if base is None:
             raise ValueError("task vectors from the base need the base tensor")
@@ -89,15 +90,21 @@ def elect_and_merge(
     """TIES' sign election and disjoint merge.
 
     γ = sign(Σ_t τ_t) per entry (an exact tie of summed mass elects +); then the mean (or
-    sum) over the tasks whose entry is nonzero and has sign γ."""
-    stacked = torch.stack(list(task_vectors))
-    elected = torch.sign(stacked.sum(0))
-    elected[elected == 0] = 1
-    agrees = torch.where(elected > 0, stacked > 0, stacked < 0)
-    selected = (stacked * agrees).sum(0)
+    sum) over the tasks whose entry is nonzero and has sign γ. Accumulates task by task, so
+    it holds a few tensors, not a (T, …) stack."""
+    elected = torch.zeros_like(task_vectors[0])
+    for tau in task_vectors:
+        elected.add_(tau)
+    elected = torch.where(elected < 0, -1.0, 1.0)
+    merged = torch.zeros_like(elected)
+    count = torch.zeros_like(elected)
+    for tau in task_vectors:
+        agrees = (tau * elected) > 0
+        merged.add_(tau * agrees)
+        count.add_(agrees)
     if aggregate == "sum":
-        return selected
-    return selected / agrees.sum(0).clamp(min=1)
+        return merged
+    return merged.div_(count.clamp_(min=1))
 
 
 def trim_thresholds(

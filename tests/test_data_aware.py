@@ -1,0 +1,127 @@
+"""Data-aware merging: Fisher, RegMean, AdaMerging and CART + AdaMerging."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mergeflow.data_aware.fisher import fisher_merge_tensor
+from mergeflow.data_aware.regmean import regmean_merge_matrix
+
+
+def test_fisher_merging_with_equal_fishers_is_averaging():
+    gen = torch.Generator().manual_seed(0)
+    thetas = [torch.randn(5, 7, generator=gen) for _ in range(3)]
+    fisher = torch.rand(5, 7, generator=gen)
+    merged = fisher_merge_tensor(thetas, [fisher] * 3)
+    torch.testing.assert_close(merged, torch.stack(thetas).mean(0))
+    # no Fisher anywhere (a tensor no model's loss reaches): the plain average
+    zero = torch.zeros(5, 7)
+    torch.testing.assert_close(fisher_merge_tensor(thetas, [zero] * 3), torch.stack(thetas).mean(0))
+
+
+def test_fisher_merging_follows_the_larger_fisher():
+    thetas = [torch.zeros(4), torch.ones(4)]
+    merged = fisher_merge_tensor(thetas, [torch.full((4,), 1.0), torch.full((4,), 3.0)])
+    torch.testing.assert_close(merged, torch.full((4,), 0.75))
+
+
+def test_regmean_with_identity_grams_is_averaging():
+    gen = torch.Generator().manual_seed(1)
+    weights = [torch.randn(6, 4, generator=gen) for _ in range(3)]
+    merged = regmean_merge_matrix(weights, [torch.eye(6)] * 3, alpha=0.9)
+    torch.testing.assert_close(merged, torch.stack(weights).mean(0))
+
+
+def test_regmean_is_the_least_squares_merge():
+    gen = torch.Generator().manual_seed(2)
+    inputs = [torch.randn(50, 6, generator=gen) for _ in range(3)]
+    weights = [torch.randn(6, 4, generator=gen) for _ in range(3)]
+    merged = regmean_merge_matrix(weights, [x.T @ x for x in inputs], alpha=1.0)
+    # min_W Σ_t ‖X_t W − X_t W_t‖² solved by stacking the systems
+    stacked = torch.linalg.lstsq(
+        torch.cat(inputs), torch.cat([x @ w for x, w in zip(inputs, weights, strict=True)])
+    ).solution
+    torch.testing.assert_close(merged, stacked, atol=1e-4, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def local_zoo(zoo, tmp_path_factory):
+    from mergeflow import pipeline
+    from mergeflow.storage import CheckpointCache
+    from mergeflow.zoo.zoo import zoo_spec
+
+    folder, manifest = zoo
+    spec = zoo_spec(manifest, str(folder), "zoo-data-aware", device="cpu")
+    cache = CheckpointCache(tmp_path_factory.mktemp("cache"))
+    return spec, cache, pipeline.evaluation_context(spec, cache)
+
+
+def mean_accuracy(context, state, split="report"):
+    scores = context.score(state, split)
+    return sum(scores.values()) / len(scores)
+
+
+@pytest.mark.parametrize(
+    ("method", "start_method", "start_params"),
+    [
+        ("adamerging", "task_arithmetic", {"scale": 0.3}),
+        ("cart_adamerging", "cart", {"rank_ratio": 0.12, "scale": 1.0}),
+    ],
+)
+def test_adaptation_lowers_entropy_without_losing_accuracy(
+    local_zoo, method, start_method, start_params
+):
+    from mergeflow import pipeline
+
+    spec, cache, context = local_zoo
+    candidate = {"method": method, "params": {"steps": 40, "lr": 5e-3, "samples": 32}}
+    adapted = pipeline.candidate_state(spec, cache, candidate)
+    info = pipeline.adaptation_info(spec, cache, candidate)
+    assert info["entropy_after"] < info["entropy_before"]
+    coefficients = info["coefficients"]
+    assert set(coefficients) == {t.name for t in spec.tasks}
+    assert any(c != start_params["scale"] for row in coefficients.values() for c in row)
+    start = pipeline.merge_state(spec, cache, start_method, start_params)
+    assert mean_accuracy(context, adapted) >= mean_accuracy(context, start)
+
+
+def test_adaptation_with_zero_steps_is_its_starting_point(local_zoo):
+    from mergeflow import pipeline
+
+    spec, cache, context = local_zoo
+    state = pipeline.candidate_state(
+        spec, cache, {"method": "cart_adamerging", "params": {"steps": 0, "init": 1.5}}
+    )
+    start = pipeline.merge_state(spec, cache, "cart", {"rank_ratio": 0.12, "scale": 1.5})
+    for key in start:
+        torch.testing.assert_close(state[key], start[key], atol=1e-5, rtol=1e-4)
+
+
+def test_eata_selection_keeps_confident_samples_only(local_zoo):
+    from mergeflow import pipeline
+
+    spec, cache, _ = local_zoo
+    candidate = {
+        "method": "adamerging",
+        "params": {"steps": 5, "select": "eata", "entropy_margin": 0.4, "samples": 32},
+    }
+    pipeline.candidate_state(spec, cache, candidate)
+    kept = pipeline.adaptation_info(spec, cache, candidate)["samples_kept"]
+    assert all(0 <= share < 1 for share in kept.values())
+
+
+@pytest.mark.parametrize("method", ["fisher", "regmean"])
+def test_fisher_and_regmean_merge_the_zoo(local_zoo, method):
+    from mergeflow import pipeline
+
+    spec, cache, context = local_zoo
+    merged = pipeline.candidate_state(spec, cache, {"method": method, "params": {"samples": 16}})
+    averaged = pipeline.merge_state(spec, cache, "average", {})
+    changed = [k for k in merged if not torch.equal(merged[k], averaged[k])]
+    assert changed and all(k.startswith("visual.") for k in changed)
+    # a real merge: well above chance on every task
+    scores = context.score(merged, "report")
+    assert all(
+        acc > 1.5 / len(t.classes) for t, acc in zip(context.tasks, scores.values(), strict=True)
+    )
