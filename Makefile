@@ -11,7 +11,7 @@ export AWS_EC2_METADATA_DISABLED := true
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup test lint format demo bench lock clean
+.PHONY: setup test lint format demo bench bench-memory lock clean
 
 setup: $(STAMP)
 
@@ -43,6 +43,9 @@ demo: setup
 
 bench: setup
 	$(PY) bench/grid.py
+
+bench-memory: setup
+	$(PY) bench/memory.py
 
 lock: setup
 	( echo "# Exact versions of the whole stack, from 'make lock' (pip freeze of a working .venv)."; \

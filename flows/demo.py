@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import secrets
 import socket
@@ -20,7 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BUCKET = "mergeflow-demo"
-MODEL_NAME = "mergeflow-demo-cart"
+MODEL_NAME = "mergeflow-demo"
 
 
 def _free_port() -> int:
@@ -84,13 +85,13 @@ DEMO_BASELINES = [
 
 
 def _table(comparison: dict, tasks: list[str]) -> str:
-    """Report accuracy per task: references, data-free merges and data-aware merges apart,
-    each group sorted by mean accuracy."""
+    """Report accuracy per task: references, data-free merges, data-aware merges and
+    per-task models (compression) apart, each group sorted by mean accuracy."""
     label = max(17, *(len(n) + 1 for n in comparison))
     width = max(9, *(len(t) for t in tasks))
     header = f"{'method':{label}s}" + "".join(f"{t[:width]:>{width + 1}s}" for t in tasks)
     lines = [header + "     mean"]
-    for kind in ("reference", "data-free", "data-aware"):
+    for kind in ("reference", "data-free", "data-aware", "per-task"):
         names = sorted(
             (n for n, s in comparison.items() if s.get("kind", "data-free") == kind),
             key=lambda n: comparison[n]["mean_accuracy"],
@@ -137,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
 
     manifest = build_zoo(demo_dir / "zoo")
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one access line per S3 request
     server.start()
     try:
         import boto3

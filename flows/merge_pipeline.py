@@ -142,6 +142,8 @@ def merge_pipeline(spec: MergeSpec, cache_dir: str | None = None) -> dict:
         elif is_data_aware(report[name]["method"]):
             summary["kind"] = "data-aware"
             summary["adaptation"] = read_adaptation(spec, report[name], cache_dir)
+        elif is_per_task(report[name]["method"]):
+            summary["kind"] = "per-task"  # one model per task: compression, not a merge
         else:
             summary["kind"] = "data-free"
 

@@ -285,10 +285,11 @@ def sniff_format(path: Path, name: str) -> str:
         head = f.read(9)
     if not head:
         raise CheckpointError(f"{name}: empty file")
-    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
-        return "torch"
+    # safetensors first: its 8-byte header length may well start with 0x80, a pickle's mark
     if len(head) == 9 and head[8:9] == b"{":
         return "safetensors"
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+        return "torch"
     raise CheckpointError(f"{name}: neither a safetensors nor a torch checkpoint")
 
 

@@ -87,9 +87,14 @@ class TaskSpec(_Frozen):
         return classes
 
 
+def _location_part(part) -> str:
+    text = str(part)
+    return text if re.fullmatch(r"[\w\-\[\]]+", text) else repr(text)
+
+
 def _first_error(exc: ValidationError) -> str:
     err = exc.errors()[0]
-    where = ".".join(str(p) for p in err["loc"])
+    where = ".".join(_location_part(p) for p in err["loc"])
     msg = err["msg"].removeprefix("Value error, ")
     return f"{where}: {msg}" if where else msg
 
@@ -288,7 +293,7 @@ class MergeSpec(_Frozen):
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            message = _first_error(exc)
+            message = " ".join(_first_error(exc).splitlines())  # one line, whatever the input
             raise ParameterError(
                 f"{source}: {message if ': ' in message else 'spec: ' + message}"
             ) from None

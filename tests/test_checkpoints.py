@@ -146,3 +146,21 @@ def test_pickle_module_is_not_needed_for_safetensors(tower, tmp_path, cache, mon
     monkeypatch.setattr(pickle, "loads", forbidden)
     monkeypatch.setattr(pickle, "load", forbidden)
     assert_same(load_state_dict(path, cache), tower)
+
+
+def test_safetensors_whose_header_length_starts_with_a_pickle_mark(tmp_path):
+    """A header length of 0x..80 puts 0x80 (a pickle's first byte) at the start of the file;
+    it is still read as safetensors, metadata included."""
+    import struct
+
+    path = tmp_path / "odd.safetensors"
+    for pad in range(300):
+        save_state_dict({"w": torch.ones(2)}, path, {"note": "x" * pad})
+        if struct.unpack("<Q", path.read_bytes()[:8])[0] % 256 == 0x80:
+            break
+    else:
+        pytest.fail("no padding gave a header length ending in 0x80")
+    assert path.read_bytes()[:1] == b"\x80"
+    with open_checkpoint(path) as reader:
+        assert reader.metadata()["note"] == "x" * pad
+        torch.testing.assert_close(reader.get("w"), torch.ones(2))

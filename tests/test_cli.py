@@ -147,7 +147,7 @@ def run_main(argv):
     [
         (
             ["--method", "slerp"],
-            r"unknown merge method 'slerp' \(known: average, cart, .*ties, tsv_m\)",
+            r"unknown merge method 'slerp' \(known: adamerging, average, cart, .*ties, tsv_m\)",
         ),
         (["--method", "cart", "--param", "rank=0.1"], r"method 'cart' has no parameter 'rank'"),
         (["--method", "cart", "--param", "rank_ratio=1.5"], r"parameter 'rank_ratio'.*1\.5"),

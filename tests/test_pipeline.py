@@ -84,6 +84,7 @@ def test_pipeline_registers_a_champion_that_classifies(
     assert kinds["finetuned"] == kinds["zeroshot"] == "reference"
     assert kinds["regmean samples=16"] == kinds["adamerging samples=16 steps=3"] == "data-aware"
     assert kinds["average"] == kinds[best["label"]] == "data-free"
+    assert kinds["tall_masks"] == kinds["cart_indexed rank_ratio=0.25"] == "per-task"
     learned = comparison["adamerging samples=16 steps=3"]["adaptation"]["coefficients"]
     assert set(learned) == set(TASKS)
     by_label = {p["label"]: p["mean_normalized"] for p in result["grid"]}

@@ -78,10 +78,14 @@ def random_drop(
 def magnitude_trim(
     task_vectors: Sequence[torch.Tensor], thresholds: Sequence[float] | None
 ) -> list[torch.Tensor]:
-    """Keep the entries of τ_t with |τ_t| ≥ thresholds[t]; zero the others (None: keep all)."""
+    """Zero the entries of τ_t with |τ_t| < thresholds[t] (None: keep all). In place: the
+    vectors are the caller's own temporaries, and a copy of each would make a TIES merge's
+    memory grow by one tensor per task."""
     if thresholds is None:
         return list(task_vectors)
-    return [tau * (tau.abs() >= thr) for tau, thr in zip(task_vectors, thresholds, strict=True)]
+    for tau, threshold in zip(task_vectors, thresholds, strict=True):
+        tau.masked_fill_(tau.abs() < threshold, 0.0)
+    return list(task_vectors)
 
 
 def elect_and_merge(
