@@ -6,6 +6,7 @@ STAMP := $(VENV)/.mergeflow-installed
 
 # Quiet, offline-friendly defaults for every tool the project drives.
 export DO_NOT_TRACK := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export RAY_USAGE_STATS_ENABLED := 0
 export AWS_EC2_METADATA_DISABLED := true
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120

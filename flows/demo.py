@@ -44,6 +44,7 @@ def _configure(demo_dir: Path, port: int) -> None:
             "PREFECT_HOME": str(demo_dir / "prefect"),
             "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
             "DO_NOT_TRACK": "1",
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         }
     )
 
