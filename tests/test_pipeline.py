@@ -3,6 +3,7 @@
 import io
 import json
 import os
+from pathlib import Path
 
 import mlflow
 import pandas as pd
@@ -33,7 +34,7 @@ def test_zoo_build_is_reused(zoo):
 
 
 def test_pipeline_registers_a_champion_that_classifies(
-    prefect_harness, zoo, bucket, tracking, tmp_path
+    prefect_harness, zoo, bucket, tracking, tmp_path, capfd
 ):
     from flows.merge_pipeline import merge_pipeline
     from mergeflow import pipeline
@@ -159,6 +160,39 @@ def test_pipeline_registers_a_champion_that_classifies(
     assert str(client.get_model_version_by_alias("zoo-test", "champion").version) == "1"
     assert str(client.get_model_version_by_alias("zoo-test", "challenger").version) == "2"
     assert os.environ["MLFLOW_TRACKING_URI"] == tracking
+
+    # no credential reached the logs, the flow runs' parameters, the artifacts or MLflow
+    secrets = [os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"]]
+    assert_no_secrets(secrets, capfd.readouterr(), client, tmp_path)
+
+
+def assert_no_secrets(secrets, captured, client, tmp_path):
+    from prefect.client.orchestration import get_client
+
+    texts = {"stdout": captured.out, "stderr": captured.err}
+    with get_client(sync_client=True) as prefect:
+        for run in prefect.read_flow_runs():
+            texts[f"flow run {run.name} parameters"] = json.dumps(run.parameters, default=str)
+        for artifact in prefect.read_artifacts():
+            texts[f"artifact {artifact.key}"] = json.dumps(artifact.data, default=str)
+    for experiment in client.search_experiments():
+        for run in client.search_runs([experiment.experiment_id]):
+            texts[f"mlflow run {run.info.run_id}"] = json.dumps(
+                [run.data.params, run.data.tags], default=str
+            )
+            folder = mlflow.artifacts.download_artifacts(
+                run_id=run.info.run_id, dst_path=str(tmp_path / "scan" / run.info.run_id)
+            )
+            for path in Path(folder).rglob("*"):
+                if path.is_file() and path.suffix in (".json", ".txt", ".yaml", ""):
+                    texts[f"artifact file {path.name}"] = path.read_text(errors="replace")
+    for model in client.search_registered_models():
+        for version in client.search_model_versions(f"name='{model.name}'"):
+            texts[f"model version {model.name}/{version.version}"] = json.dumps(version.tags)
+    assert len(texts) > 10
+    for where, text in texts.items():
+        for secret in secrets:
+            assert secret not in text, f"a credential appears in {where}"
 
 
 def test_selection_prefers_best_then_cart_then_smaller_rank():
