@@ -92,6 +92,20 @@ def _location_part(part) -> str:
     return text if re.fullmatch(r"[\w\-\[\]]+", text) else repr(text)
 
 
+def _under_roots(uri: str, roots: tuple[str, ...]) -> bool:
+    """Whether ``uri`` lies under one of ``roots``: a ``..`` segment never does, and local
+    paths are compared after resolving them (so links and ``..`` cannot leave a root)."""
+    if ".." in uri.replace("\\", "/").split("/"):
+        return False
+    if "://" not in uri:
+        resolved = os.path.realpath(uri)
+        return any(
+            "://" not in root and resolved.startswith(os.path.realpath(root).rstrip("/") + "/")
+            for root in roots
+        )
+    return any(uri.startswith(root) for root in roots if "://" in root)
+
+
 def _first_error(exc: ValidationError) -> str:
     err = exc.errors()[0]
     where = ".".join(_location_part(p) for p in err["loc"])
@@ -227,6 +241,11 @@ class MergeSpec(_Frozen):
     )
     registered_model: str = Field(description="MLflow registered-model name")
     device: str = Field("auto", description="auto (CUDA when present), cpu or cuda")
+    allowed_roots: tuple[str, ...] = Field(
+        (),
+        description="if set, every checkpoint and dataset URI must lie under one of these "
+        "prefixes (e.g. s3://models/); anything else, local paths included, is refused",
+    )
     batch_size: int = Field(256, gt=0, description="evaluation batch size")
 
     @field_validator("baselines", mode="before")
@@ -275,6 +294,22 @@ class MergeSpec(_Frozen):
         if model not in known_model_configs():
             raise ValueError(f"unknown open_clip model config {model!r}")
         return model
+
+    @model_validator(mode="after")
+    def check_roots(self) -> MergeSpec:
+        if not self.allowed_roots:
+            return self
+        places = [("base", self.base)]
+        for i, t in enumerate(self.tasks):
+            places += [(f"tasks.{i}.checkpoint", t.checkpoint)]
+            places += [(f"tasks.{i}.dataset.uri", t.dataset.uri)]
+        for where, uri in places:
+            if not _under_roots(uri, self.allowed_roots):
+                raise ValueError(
+                    f"{where}: {uri!r} is outside the allowed roots "
+                    f"({', '.join(self.allowed_roots)})"
+                )
+        return self
 
     @model_validator(mode="after")
     def check_tasks_distinct(self) -> MergeSpec:

@@ -119,3 +119,34 @@ def test_baselines_and_families_name_methods_with_parameters(tmp_path):
     path = tmp_path / "spec.yaml"
     path.write_text(spec.to_yaml())
     assert MergeSpec.from_yaml(path) == spec
+
+
+@pytest.mark.parametrize(
+    ("changes", "where"),
+    [
+        ({"base": "file:///etc/passwd"}, "base"),
+        ({"base": "/etc/passwd"}, "base"),
+        ({"base": "s3://zoo/../private/base.safetensors"}, "base"),
+        ({"base": "s3://zoological/base.safetensors"}, "base"),
+    ],
+)
+def test_allowed_roots_refuse_anything_outside(changes, where):
+    with pytest.raises(ParameterError, match=rf"{where}: .* is outside the allowed roots"):
+        MergeSpec.parse(spec_dict(allowed_roots=["s3://zoo/", "s3://zoo-data/"], **changes))
+
+
+def test_allowed_roots_admit_what_lies_under_them(tmp_path):
+    data = spec_dict(allowed_roots=["s3://zoo/"])
+    for task in data["tasks"]:
+        task["dataset"]["uri"] = task["dataset"]["uri"].replace("s3://zoo/data", "s3://elsewhere")
+    with pytest.raises(ParameterError, match=r"tasks\.0\.dataset\.uri: 's3://elsewhere/mnist'"):
+        MergeSpec.parse(data)
+    local = spec_dict(allowed_roots=[str(tmp_path)], base=str(tmp_path / "base.safetensors"))
+    for i, task in enumerate(local["tasks"]):
+        task["checkpoint"] = str(tmp_path / f"t{i}.safetensors")
+        task["dataset"]["uri"] = str(tmp_path / f"data{i}")
+    assert MergeSpec.parse(local).allowed_roots == (str(tmp_path),)
+    (tmp_path / "link").symlink_to("/etc")
+    local["base"] = str(tmp_path / "link" / "passwd")
+    with pytest.raises(ParameterError, match="base: .* is outside the allowed roots"):
+        MergeSpec.parse(local)
