@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from mergeflow.checkpoints import (
     CheckpointReader,
     StateDictReader,
+    load_for_compute,
     read_formatted,
     save_state_dict,
 )
@@ -113,7 +114,7 @@ class CartFactors:
             if not dtype.is_floating_point:
                 average[key] = readers[0].get(key).clone()
                 continue
-            tensors = [r.get(key).to(compute_device, COMPUTE_DTYPE) for r in readers]
+            tensors = [load_for_compute(r, key, compute_device, COMPUTE_DTYPE) for r in readers]
             avg = mean_of(tensors)
             average[key] = avg.cpu()
             if selection.selects(key, shape):

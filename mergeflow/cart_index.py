@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from mergeflow.checkpoints import (
     CheckpointReader,
+    load_for_compute,
     open_checkpoint,
     read_formatted,
     save_state_dict,
@@ -98,7 +99,7 @@ class CartIndex:
             if not dtype.is_floating_point:
                 average[key] = finetuned[0].get(key).clone()
                 continue
-            tensors = [r.get(key).to(compute_device, COMPUTE_DTYPE) for r in finetuned]
+            tensors = [load_for_compute(r, key, compute_device, COMPUTE_DTYPE) for r in finetuned]
             if all(torch.equal(tensors[0], other) for other in tensors[1:]):
                 # no task changed it (e.g. a frozen text tower): store it once, exactly
                 average[key] = finetuned[0].get(key).clone()

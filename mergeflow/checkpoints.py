@@ -340,3 +340,18 @@ def read_formatted(
         if meta.get("format") != fmt:
             raise CheckpointError(f"{uri}: not {what} (format {meta.get('format')!r})")
         return meta, reader.to_state_dict()
+
+
+def load_for_compute(
+    reader: CheckpointReader, key: str, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """``key`` from ``reader`` on ``device`` in ``dtype`` (float32 for merging), refused with
+    an error naming the checkpoint and key when it holds NaN or Inf: a non-finite weight
+    would spread through every merged tensor it touches, silently."""
+    tensor = reader.get(key).to(device, dtype)
+    if not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise CheckpointError(
+            f"{reader.name}: key {key!r} holds {bad} NaN or Inf value(s) of {tensor.numel()}"
+        )
+    return tensor

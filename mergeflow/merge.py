@@ -17,7 +17,12 @@ import torch
 from tqdm.auto import tqdm
 
 import mergeflow
-from mergeflow.checkpoints import CheckpointReader, open_checkpoint, save_state_dict
+from mergeflow.checkpoints import (
+    CheckpointReader,
+    load_for_compute,
+    open_checkpoint,
+    save_state_dict,
+)
 from mergeflow.errors import ParameterError
 from mergeflow.memory import release_large_frees
 from mergeflow.methods import MergeMethod, MethodParams, get_method
@@ -65,8 +70,10 @@ def merge_readers(
     carrier = base if base is not None else finetuned[0]
 
     def load(key: str) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-        tensors = [r.get(key).to(compute_device, COMPUTE_DTYPE) for r in finetuned]
-        base_tensor = base.get(key).to(compute_device, COMPUTE_DTYPE) if uses_base else None
+        tensors = [load_for_compute(r, key, compute_device, COMPUTE_DTYPE) for r in finetuned]
+        base_tensor = (
+            load_for_compute(base, key, compute_device, COMPUTE_DTYPE) if uses_base else None
+        )
         return tensors, base_tensor
 
     floating = [key for key, (_, dtype) in layout.items() if dtype.is_floating_point]

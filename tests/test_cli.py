@@ -286,3 +286,20 @@ def test_compress_and_rebuild(checkpoints, tmp_path, capsys):
         torch.testing.assert_close(rebuilt[key], expected[key])
     assert main(["rebuild", str(index), "--task", "z", "--out", str(out)]) == 2
     assert "unknown task 'z' (this index holds: a, b, c)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_weight_is_refused_by_file_and_key(checkpoints, tmp_path, capsys, bad):
+    base, tuned, base_path, paths = checkpoints
+    poisoned = dict(tuned[1])
+    key = "visual.transformer.resblocks.0.mlp.c_fc.weight"
+    poisoned[key] = poisoned[key].clone()
+    poisoned[key][0, 0] = bad
+    save_state_dict(poisoned, paths[1])
+    out = tmp_path / "never.safetensors"
+    for method in ("cart", "ties"):
+        args = ["merge", "--method", method, "--base", base_path, "--finetuned", *paths]
+        assert main([*args, "--out", str(out), "-q"]) == 2
+        err = capsys.readouterr().err
+        assert f"{paths[1]}: key '{key}' holds 1 NaN or Inf value(s)" in err
+        assert not out.exists()
