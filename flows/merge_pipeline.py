@@ -34,10 +34,10 @@ def _pick_best(grid: list[dict]) -> dict:
     rank, then the smaller scale (cheaper to store, closer to averaging)."""
 
     def preference(point: dict):
-        params = point.get("params", point)
+        params = point["params"]
         return (
             point["mean_normalized"],
-            point.get("method", "cart") == "cart",
+            point["method"] == "cart",
             -params.get("rank_ratio", 0.0),
             -params.get("scale", 0.0),
         )

@@ -133,7 +133,8 @@ def adapt(
             delta = (
                 weights.reshape((num_tasks,) + (1,) * (stacked[key].ndim - 1)) * stacked[key]
             ).sum(0)
-            merged[key.removeprefix("visual.")] = origin[key].to(device) + delta
+            name = key.removeprefix("visual.")
+            merged[name] = fixed[name] + delta
         return merged
 
     def mean_entropy() -> float:
@@ -177,9 +178,7 @@ def adapt(
         elif key in tower:
             merged_state[key] = tower[key].to(reference.dtype)
         else:
-            delta = (
-                sum(v[key] for v in vectors if key in v) if any(key in v for v in vectors) else 0
-            )
+            delta = sum((v[key] for v in vectors if key in v), torch.zeros_like(origin[key]))
             merged_state[key] = (origin[key] + params.init * delta).to(reference.dtype)
     info = {
         "granularity": params.granularity,
@@ -196,8 +195,8 @@ def adapt(
 
 def _eata_weights(logits, h, params: AdaMergingParams, running: list, task: int):
     probabilities = torch.softmax(logits, -1)
-    confident = h < params.entropy_margin * math.log(logits.shape[-1])
-    keep = confident.clone()
+    e0 = params.entropy_margin * math.log(logits.shape[-1])
+    keep = h < e0
     if running[task] is not None:
         similarity = torch.nn.functional.cosine_similarity(
             probabilities, running[task][None], dim=-1
@@ -206,7 +205,6 @@ def _eata_weights(logits, h, params: AdaMergingParams, running: list, task: int)
     if keep.any():
         mean = probabilities[keep].mean(0)
         running[task] = mean if running[task] is None else 0.9 * running[task] + 0.1 * mean
-    e0 = params.entropy_margin * math.log(logits.shape[-1])
     return keep.float() * torch.exp(e0 - h)
 
 

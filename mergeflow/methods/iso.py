@@ -22,7 +22,7 @@ from pydantic import Field
 
 from mergeflow.methods.base import MergeMethod
 from mergeflow.methods.cart import AllMatrices
-from mergeflow.methods.task_vectors import TaskVectorParams, origin_and_vectors, uses_base
+from mergeflow.methods.task_vectors import TaskVectorParams, merge_matrices, uses_base
 from mergeflow.svd import orthogonalize
 
 
@@ -61,24 +61,15 @@ def isotropic_common_and_specific(
     return mean_s * (orthogonalize(torch.cat(us, dim=1)) @ orthogonalize(torch.cat(vhs, dim=0)))
 
 
-def _merge(key, finetuned, base, params: IsoCParams, matrix_rule) -> torch.Tensor:
-    origin, task_vectors = origin_and_vectors(finetuned, base, params.center)
-    if params.selects(key, origin.shape):
-        delta = matrix_rule(task_vectors)
-    else:
-        delta = torch.stack(task_vectors).mean(0)
-    return origin + params.scale * delta
-
-
 def merge_iso_c(key, finetuned, base, params: IsoCParams, context=None) -> torch.Tensor:
-    return _merge(key, finetuned, base, params, isotropic_common)
+    return merge_matrices(key, finetuned, base, params, isotropic_common)
 
 
 def merge_iso_cts(key, finetuned, base, params: IsoCtsParams, context=None) -> torch.Tensor:
     def rule(task_vectors):
         return isotropic_common_and_specific(task_vectors, params.common_fraction)
 
-    return _merge(key, finetuned, base, params, rule)
+    return merge_matrices(key, finetuned, base, params, rule)
 
 
 ISO_C = MergeMethod(

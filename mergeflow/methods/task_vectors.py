@@ -53,6 +53,24 @@ def origin_and_vectors(
     return origin, [theta - origin for theta in finetuned]
 
 
+def merge_matrices(
+    key: str,
+    finetuned: Sequence[torch.Tensor],
+    base: torch.Tensor | None,
+    params,
+    matrix_rule: Callable[[list[torch.Tensor]], torch.Tensor],
+) -> torch.Tensor:
+    """origin + scale · Δ with Δ = ``matrix_rule(task vectors)`` on the matrices ``params``
+    selects and the mean task vector on every other tensor: the shape TSV-M, Iso-C and
+    Iso-CTS share (``params`` has ``center``, ``scale`` and a ``selects`` rule)."""
+    origin, task_vectors = origin_and_vectors(finetuned, base, params.center)
+    if params.selects(key, origin.shape):
+        delta = matrix_rule(task_vectors)
+    else:
+        delta = mean_of(task_vectors)
+    return origin + params.scale * delta
+
+
 def _generator_seed(seed: int, key: str, task: int) -> int:
     digest = hashlib.sha256(f"{seed}/{key}/{task}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)

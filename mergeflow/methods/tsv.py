@@ -23,7 +23,7 @@ from pydantic import Field
 
 from mergeflow.methods.base import MergeMethod
 from mergeflow.methods.cart import AllMatrices
-from mergeflow.methods.task_vectors import TaskVectorParams, origin_and_vectors, uses_base
+from mergeflow.methods.task_vectors import TaskVectorParams, merge_matrices, uses_base
 from mergeflow.svd import orthogonalize, truncated_svd
 
 
@@ -50,12 +50,7 @@ def merge_tensor(
     params: TsvParams,
     context=None,
 ) -> torch.Tensor:
-    origin, task_vectors = origin_and_vectors(finetuned, base, params.center)
-    if params.selects(key, origin.shape):
-        delta = merge_task_singular_vectors(task_vectors)
-    else:
-        delta = torch.stack(task_vectors).mean(0)
-    return origin + params.scale * delta
+    return merge_matrices(key, finetuned, base, params, merge_task_singular_vectors)
 
 
 METHOD = MergeMethod(
