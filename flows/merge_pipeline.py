@@ -1,23 +1,42 @@
 """The merge pipeline: checkpoints → CART rank grid (and other method families) → per-task
 scores → MLflow registry.
 
-mergeflow run SPEC.yaml            (or deploy it: prefect.yaml, deployment merge-pipeline)
+mergeflow run SPEC.yaml [--dask [ADDRESS]]   (or deploy it: prefect.yaml)
+
+Every costly step is kept by content in the result store (``$MERGEFLOW_RESULT_STORE``), so a
+re-run of a spec recomputes nothing and a killed run resumes; the grid's and the report's
+scoring fan out over the flow's task runner (threads by default, a Dask cluster with
+``merge_pipeline_on_dask``).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import time
+from pathlib import Path
+from typing import Annotated
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+from prefect.futures import as_completed
+from prefect.runtime import deployment, flow_run
+from prefect.task_runners import ThreadPoolTaskRunner
+from pydantic import Field
 
 from mergeflow.evaluation import REPORT, SELECTION, summarize
 from mergeflow.pipeline import is_data_aware, is_per_task
 from mergeflow.spec import MergeSpec
+from mergeflow.storage import CheckpointCache
 from tasks.checkpoints import fetch_checkpoint
 from tasks.pipeline import (
     compress_checkpoints,
+    draw_charts,
     evaluate_grid_point,
     factorize_checkpoints,
     prepare_evaluation,
@@ -27,6 +46,8 @@ from tasks.pipeline import (
     score_candidate,
     score_index,
 )
+
+DASK_ADDRESS_VARIABLE = "MERGEFLOW_DASK_ADDRESS"
 
 
 def _pick_best(grid: list[dict]) -> dict:
@@ -57,30 +78,8 @@ def cart_candidate(rank_ratio: float, scale: float) -> dict:
     }
 
 
-@flow(name="merge-pipeline", log_prints=True)
-def merge_pipeline(spec: MergeSpec, cache_dir: str | None = None) -> dict:
-    """Merge the spec's fine-tuned checkpoints with CART over its rank grid (and any other
-    method families it lists), score every point on each task's selection split, compare
-    the best with the baselines on the report split, and register it in MLflow."""
-    logger = get_run_logger()
-    started = time.perf_counter()
-    uris = [spec.base] + [t.checkpoint for t in spec.tasks]
-    fetched = [fetch_checkpoint.submit(uri, cache_dir) for uri in uris]
-    lineage = {}
-    for uri, future in zip(uris, fetched, strict=True):
-        info = future.result()
-        role = (
-            "base" if uri == spec.base else next(t.name for t in spec.tasks if t.checkpoint == uri)
-        )
-        lineage[f"source.{role}.uri"] = uri
-        lineage[f"source.{role}.sha256"] = info["sha256"]
-    sizes = prepare_evaluation(spec, cache_dir)
-    logger.info("evaluation data ready: %s", sizes)
-
-    finetuned = {"method": "finetuned", "params": {}, "label": "finetuned"}
-    finetuned_selection = score_candidate(spec, finetuned, SELECTION, cache_dir=cache_dir)
-
-    factors_path = factorize_checkpoints(spec, cache_dir)
+def grid_candidates(spec: MergeSpec) -> tuple[dict[str, list[dict]], list[dict]]:
+    """The grid's families (name → points) and every point with its family's name."""
     families = {"cart": [cart_candidate(r, s) for r, s in spec.grid.points()]}
     for family in spec.grid.families:
         name = family.label or family.method
@@ -88,21 +87,89 @@ def merge_pipeline(spec: MergeSpec, cache_dir: str | None = None) -> dict:
             name = f"{name} {len(families)}"
         families[name] = [point.candidate() for point in family.points()]
     candidates = [{**c, "family": name} for name, points in families.items() for c in points]
-    grid = []
-    for i, candidate in enumerate(candidates, start=1):
+    return families, candidates
+
+
+def _lineage(spec: MergeSpec, fetched: list[dict]) -> dict[str, str]:
+    """Registry tags: where each checkpoint came from and its digest, the Prefect run."""
+    lineage = {}
+    for info in fetched:
+        uri = info["uri"]
+        role = (
+            "base" if uri == spec.base else next(t.name for t in spec.tasks if t.checkpoint == uri)
+        )
+        lineage[f"source.{role}.uri"] = uri
+        lineage[f"source.{role}.sha256"] = info["sha256"]
+    if flow_run.id:
+        lineage["prefect.flow_run_id"] = str(flow_run.id)
+    if deployment.id:
+        lineage["prefect.deployment"] = f"{deployment.flow_name}/{deployment.name}"
+    return lineage
+
+
+class _Progress:
+    """A Prefect progress artifact that follows the grid (0 → 100 %)."""
+
+    def __init__(self, key: str, total: int, description: str):
+        self.total, self.done = total, 0
+        self.id = create_progress_artifact(progress=0.0, key=key, description=description)
+
+    def step(self) -> None:
+        self.done += 1
+        update_progress_artifact(self.id, 100.0 * self.done / self.total)
+
+
+@flow(name="merge-pipeline", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=4))
+def merge_pipeline(
+    spec: Annotated[MergeSpec, Field(description="what to merge, how to search, where to report")],
+    cache_dir: Annotated[
+        str | None, Field(description="local cache folder (default: ~/.cache/mergeflow)")
+    ] = None,
+) -> dict:
+    """Merge the spec's fine-tuned checkpoints with CART over its rank grid (and any other
+    method families it lists), score every point on each task's selection split, compare
+    the best with the baselines on the report split, and register it in MLflow."""
+    logger = get_run_logger()
+    started = time.perf_counter()
+    uris = [spec.base] + [t.checkpoint for t in spec.tasks]
+    fetched = [f.result() for f in [fetch_checkpoint.submit(uri, cache_dir) for uri in uris]]
+    lineage = _lineage(spec, fetched)
+    sizes = prepare_evaluation(spec, cache_dir)
+    logger.info("evaluation data ready: %s", sizes)
+
+    finetuned = {"method": "finetuned", "params": {}, "label": "finetuned"}
+    finetuned_selection = score_candidate(spec, finetuned, SELECTION, cache_dir=cache_dir)
+
+    factors_path = factorize_checkpoints(spec, cache_dir)
+    families, candidates = grid_candidates(spec)
+    key = _artifact_key(spec.registered_model)
+    progress = _Progress(
+        f"{key}-progress", len(candidates), f"Grid of {spec.registered_model} on selection splits"
+    )
+    futures = {}
+    for i, candidate in enumerate(candidates):
         if candidate["method"] == "cart":
             params = candidate["params"]
-            scores = evaluate_grid_point(
+            future = evaluate_grid_point.submit(
                 spec, factors_path, params["rank_ratio"], params["scale"], cache_dir
             )
         else:
-            scores = score_candidate(spec, candidate, SELECTION, factors_path, cache_dir)
-        summary = summarize(scores, finetuned_selection)
-        grid.append({**candidate, **candidate["params"], **summary})
+            future = score_candidate.submit(spec, candidate, SELECTION, factors_path, cache_dir)
+        futures[future] = i
+    scores_of = {}
+    for future in as_completed(list(futures)):
+        i = futures[future]
+        scores_of[i] = future.result()
+        progress.step()
+        summary = summarize(scores_of[i], finetuned_selection)
         print(
-            f"grid {i}/{len(candidates)}: {candidate['label']} "
+            f"grid {progress.done}/{len(candidates)}: {candidates[i]['label']} "
             f"mean acc {summary['mean_accuracy']:.3f} normalized {summary['mean_normalized']:.3f}"
         )
+    grid = []
+    for i, candidate in enumerate(candidates):
+        summary = summarize(scores_of[i], finetuned_selection)
+        grid.append({**candidate, **candidate["params"], **summary})
     # each family's best point on the selection splits goes to the report; the best of those
     # that are one merged model is registered
     family_best = {name: _pick_best([p for p in grid if p["family"] == name]) for name in families}
@@ -116,15 +183,16 @@ def merge_pipeline(spec: MergeSpec, cache_dir: str | None = None) -> dict:
         p["label"]: {k: p[k] for k in ("method", "params", "label")} for p in family_best.values()
     }
     report.update({b.name: b.candidate() for b in spec.baseline_methods()})
-    report_scores = {}
+    pending = {}
     for name in ("finetuned", "zeroshot"):
         if spec.has_reference(name):
             reference_candidate = {"method": name, "params": {}, "label": name}
-            report_scores[name] = score_candidate(
+            pending[name] = score_candidate.submit(
                 spec, reference_candidate, REPORT, cache_dir=cache_dir
             )
     for name, candidate in report.items():
-        report_scores[name] = score_candidate(spec, candidate, REPORT, factors_path, cache_dir)
+        pending[name] = score_candidate.submit(spec, candidate, REPORT, factors_path, cache_dir)
+    report_scores = {name: future.result() for name, future in pending.items()}
     compression = None
     if spec.compression is not None:
         compression = compress_checkpoints(spec, cache_dir)
@@ -147,7 +215,10 @@ def merge_pipeline(spec: MergeSpec, cache_dir: str | None = None) -> dict:
         else:
             summary["kind"] = "data-free"
 
-    registration = register_winner(spec, factors_path, winner, grid, comparison, lineage, cache_dir)
+    charts = draw_charts(spec, grid, comparison, _report_folder(cache_dir, key))
+    registration = register_winner(
+        spec, factors_path, winner, grid, comparison, lineage, charts, cache_dir
+    )
     if compression is not None and spec.compression.register_model:
         compression["registration"] = register_index(
             spec, compression, comparison[compression["label"]], lineage, cache_dir
@@ -188,12 +259,9 @@ def merge_pipeline(spec: MergeSpec, cache_dir: str | None = None) -> dict:
             f"{compression['checkpoint_bytes'] / 2**20:.1f} MiB"
         )
     create_markdown_artifact(
-        key=f"{key}-registration",
-        markdown=(
-            f"**{spec.registered_model}** version {registration['version']} "
-            f"({', '.join(registration['aliases'])}): {winner['label']}, report mean accuracy "
-            f"{comparison[winner['label']]['mean_accuracy']:.4f}{storage}"
-        ),
+        key=f"{key}-report",
+        markdown=_report_markdown(spec, winner, registration, comparison, charts, storage),
+        description=f"Report of {spec.registered_model}: table, charts, registration",
     )
     return {
         "best": winner,
@@ -202,11 +270,83 @@ def merge_pipeline(spec: MergeSpec, cache_dir: str | None = None) -> dict:
         "comparison": comparison,
         "compression": compression,
         "registration": registration,
+        "charts": charts,
         "seconds": time.perf_counter() - started,
     }
 
 
-def run_from_cli(spec_path: str, cache_dir: str | None = None) -> dict:
-    """Entry point for ``mergeflow run``: validate the spec file, then run the flow."""
+def _report_folder(cache_dir: str | None, key: str) -> str:
+    run = str(flow_run.id) if flow_run.id else time.strftime("%Y%m%d-%H%M%S")
+    return str(CheckpointCache(cache_dir).root / "reports" / key / run)
+
+
+def _report_markdown(
+    spec: MergeSpec,
+    winner: dict,
+    registration: dict,
+    comparison: dict,
+    charts: dict[str, str],
+    storage: str,
+) -> str:
+    tasks = [t.name for t in spec.tasks]
+    lines = [
+        f"# {spec.registered_model}",
+        "",
+        f"**Version {registration['version']}** ({', '.join(registration['aliases'])}"
+        + (", already registered: no new version" if registration.get("reused") else "")
+        + f"): {winner['label']}, report mean accuracy "
+        f"{comparison[winner['label']]['mean_accuracy']:.4f}{storage}",
+        "",
+        "| model | kind | " + " | ".join(tasks) + " | mean |",
+        "|---|---|" + "---|" * (len(tasks) + 1),
+    ]
+    for name, summary in sorted(comparison.items(), key=lambda kv: -kv[1]["mean_accuracy"]):
+        cells = [f"{100 * summary['accuracy'][t]:.1f}" for t in tasks]
+        lines.append(
+            f"| {name} | {summary['kind']} | "
+            + " | ".join(cells)
+            + f" | {100 * summary['mean_accuracy']:.1f} |"
+        )
+    lines += ["", "Charts, logged to MLflow with the run:", ""]
+    base = registration.get("artifact_uri", "")
+    for artifact_path in charts:
+        link = f"{base}/{artifact_path}" if base else artifact_path
+        lines.append(f"- [{Path(artifact_path).stem.replace('_', ' ')}]({link})")
+    if registration.get("run_url"):
+        lines += ["", f"MLflow run: {registration['run_url']}"]
+    return "\n".join(lines)
+
+
+def dask_task_runner(address: str | None = None):
+    """A Dask task runner: the scheduler at ``address`` (or ``$MERGEFLOW_DASK_ADDRESS``), else
+    a local cluster of worker processes with one torch thread each."""
+    from prefect_dask import DaskTaskRunner
+
+    address = address or os.environ.get(DASK_ADDRESS_VARIABLE) or None
+    if address:
+        return DaskTaskRunner(address=address)
+    workers = int(os.environ.get("MERGEFLOW_DASK_WORKERS", "2"))
+    return DaskTaskRunner(
+        cluster_kwargs={
+            "n_workers": workers,
+            "threads_per_worker": 1,
+            "processes": True,
+            "dashboard_address": None,
+        }
+    )
+
+
+def on_dask(address: str | None = None):
+    """The merge pipeline with its scoring fanned out over a Dask cluster."""
+    return merge_pipeline.with_options(
+        name="merge-pipeline-dask", task_runner=dask_task_runner(address)
+    )
+
+
+def run_from_cli(spec_path: str, cache_dir: str | None = None, dask: str | None = None) -> dict:
+    """Entry point for ``mergeflow run``: validate the spec file, then run the flow (on Dask
+    when ``dask`` is given: ``"local"`` or a scheduler address)."""
     spec = MergeSpec.from_yaml(spec_path)
+    if dask:
+        return on_dask(None if dask == "local" else dask)(spec, cache_dir)
     return merge_pipeline(spec, cache_dir)

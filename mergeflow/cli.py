@@ -106,6 +106,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("spec", help="merge spec, a YAML file")
     run.add_argument("--cache-dir", help="local cache (default: ~/.cache/mergeflow)")
+    run.add_argument(
+        "--dask",
+        nargs="?",
+        const="local",
+        metavar="ADDRESS",
+        help="fan the scoring out over Dask: a scheduler address, or (no value) a local "
+        "cluster of MERGEFLOW_DASK_WORKERS processes (default 2)",
+    )
+
+    score = commands.add_parser(
+        "score-model",
+        help="score a registered model on a spec's report splits",
+        description="Load MODEL (models:/NAME@champion, models:/NAME/3) from the MLflow "
+        "registry (MLFLOW_TRACKING_URI) and print its accuracy on each task of the spec.",
+    )
+    score.add_argument("model", help="model URI, e.g. models:/mergeflow-demo@champion")
+    score.add_argument("--spec", required=True, help="merge spec whose tasks to score on")
+    score.add_argument("--split", choices=["report", "selection"], default="report")
+    score.add_argument("--cache-dir", help="local cache (default: ~/.cache/mergeflow)")
+
+    promote = commands.add_parser(
+        "promote",
+        help="move champion to a version if it beats the champion (Prefect flow)",
+        description="Score VERSION (default: the challenger) and the champion of the spec's "
+        "registered model on the spec's report splits; champion moves only to a higher score.",
+    )
+    promote.add_argument("spec", help="merge spec, a YAML file")
+    promote.add_argument("--version", help="version number or alias (default: challenger)")
+    promote.add_argument("--model-name", help="registered model (default: the spec's)")
+    promote.add_argument("--cache-dir", help="local cache (default: ~/.cache/mergeflow)")
     return parser
 
 
@@ -144,20 +174,58 @@ def _run_merge(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_pipeline(args: argparse.Namespace) -> int:
+def _runner(name: str):
     from importlib.metadata import entry_points
 
+    runners = entry_points(group="mergeflow.runners", name=name)
+    if not runners:
+        raise MergeflowError(f"the {name} runner is not installed (pip install -e . in the repo)")
+    return next(iter(runners)).load()
+
+
+def _run_pipeline(args: argparse.Namespace) -> int:
     from mergeflow.spec import MergeSpec
 
     MergeSpec.from_yaml(args.spec)  # fail on a bad spec before starting any orchestration
-    runners = entry_points(group="mergeflow.runners", name="pipeline")
-    if not runners:
-        raise MergeflowError("the pipeline runner is not installed (pip install -e . in the repo)")
-    result = next(iter(runners)).load()(args.spec, args.cache_dir)
+    result = _runner("pipeline")(args.spec, args.cache_dir, dask=args.dask)
     registration = result["registration"]
     print(
         f"registered models:/{registration['name']}/{registration['version']} "
         f"({', '.join(registration['aliases'])})"
+    )
+    return 0
+
+
+def _run_score_model(args: argparse.Namespace) -> int:
+    from mergeflow import pipeline
+    from mergeflow.spec import MergeSpec
+    from mergeflow.storage import CheckpointCache
+    from mergeflow.tracking import score_of
+
+    spec = MergeSpec.from_yaml(args.spec)
+    cache = CheckpointCache(args.cache_dir)
+    split = pipeline.REPORT if args.split == "report" else pipeline.SELECTION
+    scores = pipeline.registered_model_scores(spec, cache, args.model, split)
+    summary = pipeline.summary_of(spec, cache, scores, split)
+    for task, acc in scores.items():
+        normalized = summary["normalized"][task]
+        print(f"{task:20s} accuracy {acc:.4f}  normalized {normalized:.4f}")
+    print(
+        f"{'mean':20s} accuracy {summary['mean_accuracy']:.4f}  "
+        f"normalized {summary['mean_normalized']:.4f}  (score {score_of(summary):.4f})"
+    )
+    return 0
+
+
+def _run_promote(args: argparse.Namespace) -> int:
+    from mergeflow.spec import MergeSpec
+
+    MergeSpec.from_yaml(args.spec)
+    result = _runner("promote")(args.spec, args.version, args.model_name, args.cache_dir)
+    state = "promoted to champion" if result["promoted"] else "not promoted"
+    print(
+        f"models:/{result['name']}/{result['version']}: {state} "
+        f"({result['score']:.4f} against champion {result['champion_score']:.4f})"
     )
     return 0
 
@@ -224,6 +292,10 @@ def main(argv: list[str] | None = None) -> int:
             return _run_merge(args)
         if args.command == "run":
             return _run_pipeline(args)
+        if args.command == "score-model":
+            return _run_score_model(args)
+        if args.command == "promote":
+            return _run_promote(args)
         if args.command == "compress":
             return _run_compress(args)
         if args.command == "rebuild":

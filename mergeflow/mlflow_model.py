@@ -36,6 +36,7 @@ class MergedClip(mlflow.pyfunc.PythonModel):
         from mergeflow.models import create_model, image_transform
 
         meta = json.loads(Path(context.artifacts["meta"]).read_text())
+        self.config = meta["model"]
         self.classes = {task: tuple(names) for task, names in meta["classes"].items()}
         self.heads = load_file(context.artifacts["heads"])
         self.index = None

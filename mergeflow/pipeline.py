@@ -1,19 +1,25 @@
 """The merge pipeline's steps as plain functions (Prefect tasks wrap them in ``tasks/``).
 
-Steps exchange URIs and small dicts. Heavy intermediate results live on disk under the cache,
-keyed by the content they come from: CART factors by the digests of the checkpoints and the
-factorization settings, prepared images by the data's digest and the transform. Within one
-process the evaluation context (model, heads, prepared images) is built once and reused.
+Steps exchange URIs and small dicts. Heavy intermediate results live in the result store
+(:mod:`mergeflow.results`: ``$MERGEFLOW_RESULT_STORE``, else the local cache), keyed by the
+content they come from: CART factors by the digests of the checkpoints and the factorization
+settings, data-aware merges by the checkpoints, method, parameters and samples, and scores
+by the candidate's recipe key and the evaluation data's digest. Prepared images stay in the
+local cache, keyed by the data's digest and the transform. Within one process the evaluation
+context (model, heads, prepared images) is built once and reused.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
 import logging
 import math
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -27,13 +33,16 @@ from mergeflow.evaluation import (
     REPORT,
     SELECTION,
     PreparedTask,
+    accuracy,
     prepare_tasks,
     score_all,
+    summarize,
 )
 from mergeflow.memory import release_large_frees
 from mergeflow.merge import merge_readers
 from mergeflow.methods import find_method, get_method
 from mergeflow.models import create_model
+from mergeflow.results import ResultStore
 from mergeflow.spec import MergeSpec
 from mergeflow.statedict import StateDict
 from mergeflow.storage import CheckpointCache
@@ -59,14 +68,31 @@ class EvaluationContext:
     spec: MergeSpec
     model: torch.nn.Module
     tasks: list[PreparedTask]
+    # one model object serves every candidate: threads of one process take turns with it
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def score(
         self, state: StateDict, split: str = SELECTION, only: str | None = None
     ) -> dict[str, float]:
         """Per-task accuracy of ``state`` on ``split`` (of task ``only``, if given)."""
-        self.model.load_state_dict(state)
         tasks = [t for t in self.tasks if only in (None, t.name)]
-        return score_all(self.model, tasks, split, self.spec.batch_size, self.spec.device)
+        with self.lock:
+            self.model.load_state_dict(state)
+            return score_all(self.model, tasks, split, self.spec.batch_size, self.spec.device)
+
+    def data_digest(self, split: str, only: str | None = None) -> str:
+        """Digest of what scores on ``split`` depend on besides the weights: each task's
+        prepared images and labels and its zero-shot head."""
+        parts = [
+            (
+                t.name,
+                t.splits[split].digest,
+                hashlib.sha256(t.head.float().contiguous().numpy().tobytes()).hexdigest(),
+            )
+            for t in self.tasks
+            if only in (None, t.name)
+        ]
+        return _content_key("evaluation/1", parts)
 
 
 @functools.lru_cache(maxsize=4)
@@ -82,25 +108,31 @@ def evaluation_context(spec: MergeSpec, cache: CheckpointCache) -> EvaluationCon
     return _context(spec.model_dump_json(), str(cache.root))
 
 
-def factorize(spec: MergeSpec, cache: CheckpointCache) -> str:
-    """CART factors of the spec's checkpoints up to its largest rank ratio, saved under the
-    cache keyed by the checkpoints' digests; an existing file with that key is reused."""
+def factors_key(spec: MergeSpec, cache: CheckpointCache) -> str:
     digests = checkpoint_digests(spec, cache)
     max_ratio = max(spec.grid.rank_ratios)
-    key = _content_key(FACTORS_FORMAT, [digests[t.checkpoint] for t in spec.tasks], max_ratio)
-    path = cache.root / "factors" / f"{key}.safetensors"
-    if path.is_file():
-        log.info("reusing CART factors %s", path)
-        return str(path)
-    release_large_frees()
-    readers = [open_checkpoint(t.checkpoint, cache) for t in spec.tasks]
-    try:
-        factors = CartFactors.factorize(readers, max_rank_ratio=max_ratio, device=spec.device)
-    finally:
-        for reader in readers:
-            reader.close()
-    factors.save(path)
-    return str(path)
+    return _content_key(FACTORS_FORMAT, [digests[t.checkpoint] for t in spec.tasks], max_ratio)
+
+
+def factorize(spec: MergeSpec, cache: CheckpointCache) -> str:
+    """CART factors of the spec's checkpoints up to its largest rank ratio, kept in the
+    result store keyed by the checkpoints' digests; an existing file with that key is
+    reused. Returns a local path whose file name is the key."""
+
+    def build(uri: str) -> None:
+        release_large_frees()
+        readers = [open_checkpoint(t.checkpoint, cache) for t in spec.tasks]
+        try:
+            factors = CartFactors.factorize(
+                readers, max_rank_ratio=max(spec.grid.rank_ratios), device=spec.device
+            )
+        finally:
+            for reader in readers:
+                reader.close()
+        factors.save(uri)
+
+    store = ResultStore(cache)
+    return store.file("factors", f"{factors_key(spec, cache)}.safetensors", build)
 
 
 @functools.lru_cache(maxsize=2)
@@ -126,26 +158,34 @@ def is_data_aware(method: str) -> bool:
     )
 
 
-def data_aware_path(spec: MergeSpec, cache: CheckpointCache, candidate: dict) -> str:
-    """Run a data-aware method once per (checkpoints, method, params, samples) and keep its
-    merged weights, with what it learned in the file's metadata, under the cache."""
+def _data_aware_key(spec: MergeSpec, cache: CheckpointCache, candidate: dict) -> str:
     method = find_method(candidate["method"])
     params = method.parse_params(candidate.get("params", {}))
     digests = checkpoint_digests(spec, cache)
     samples_from = [
         (t.dataset.uri, t.dataset.adaptation_split or t.dataset.selection_split) for t in spec.tasks
     ]
-    key = _content_key(
+    return _content_key(
         "data-aware/1",
         [digests[spec.base]] + [digests[t.checkpoint] for t in spec.tasks],
         method.name,
         params.model_dump(mode="json"),
         samples_from,
     )
-    path = cache.root / "adapted" / f"{key}.safetensors"
-    if path.is_file():
-        log.info("reusing %s result %s", method.name, path)
-        return str(path)
+
+
+def data_aware_path(spec: MergeSpec, cache: CheckpointCache, candidate: dict) -> str:
+    """Run a data-aware method once per (checkpoints, method, params, samples) and keep its
+    merged weights, with what it learned in the file's metadata, in the result store."""
+    key = _data_aware_key(spec, cache, candidate)
+    return ResultStore(cache).file(
+        "adapted", f"{key}.safetensors", lambda uri: _run_data_aware(spec, cache, candidate, uri)
+    )
+
+
+def _run_data_aware(spec: MergeSpec, cache: CheckpointCache, candidate: dict, uri: str) -> None:
+    method = find_method(candidate["method"])
+    params = method.parse_params(candidate.get("params", {}))
     context = evaluation_context(spec, cache)
     base = load_state_dict(spec.base, cache)
     samples = []
@@ -163,10 +203,9 @@ def data_aware_path(spec: MergeSpec, cache: CheckpointCache, candidate: dict) ->
     outcome = method.run(inputs, params)
     save_state_dict(
         outcome.state,
-        path,
+        uri,
         {"mergeflow.method": method.name, "mergeflow.info": json.dumps(outcome.info)},
     )
-    return str(path)
 
 
 def adaptation_info(spec: MergeSpec, cache: CheckpointCache, candidate: dict) -> dict:
@@ -233,24 +272,23 @@ def index_path(spec: MergeSpec, cache: CheckpointCache) -> str:
         [t.name for t in spec.tasks],
         spec.compression.model_dump(exclude={"register_model"}),
     )
-    path = cache.root / "indexes" / f"{key}.safetensors"
-    if path.is_file():
-        log.info("reusing CART index %s", path)
-        return str(path)
-    readers = [open_checkpoint(t.checkpoint, cache) for t in spec.tasks]
-    try:
-        index = CartIndex.build(
-            readers,
-            [t.name for t in spec.tasks],
-            rank_ratio=spec.compression.rank_ratio,
-            energy=spec.compression.energy,
-            device=spec.device,
-        )
-    finally:
-        for reader in readers:
-            reader.close()
-    index.save(path)
-    return str(path)
+
+    def build(uri: str) -> None:
+        readers = [open_checkpoint(t.checkpoint, cache) for t in spec.tasks]
+        try:
+            index = CartIndex.build(
+                readers,
+                [t.name for t in spec.tasks],
+                rank_ratio=spec.compression.rank_ratio,
+                energy=spec.compression.energy,
+                device=spec.device,
+            )
+        finally:
+            for reader in readers:
+                reader.close()
+        index.save(uri)
+
+    return ResultStore(cache).file("indexes", f"{key}.safetensors", build)
 
 
 @functools.lru_cache(maxsize=2)
@@ -271,15 +309,158 @@ def checkpoint_bytes(spec: MergeSpec, cache: CheckpointCache) -> int:
     return total
 
 
+def candidate_key(
+    spec: MergeSpec,
+    cache: CheckpointCache,
+    candidate: dict,
+    factors_path: str | None = None,
+    task: str | None = None,
+) -> str:
+    """A digest naming the weights of a candidate by what they are computed from (the
+    checkpoints' digests, the method and its parsed parameters, or the factors file they
+    come from): two candidates with one key have the same weights."""
+    method, params = candidate["method"], candidate.get("params", {})
+    digests = checkpoint_digests(spec, cache)
+    if method == "zeroshot":
+        return _content_key("model/1", "zeroshot", digests[spec.base])
+    if method == "finetuned":
+        uri = next(t.checkpoint for t in spec.tasks if t.name == task)
+        return _content_key("model/1", "finetuned", digests[uri])
+    if is_data_aware(method):
+        return _content_key("model/1", "data-aware", _data_aware_key(spec, cache, candidate))
+    if method == "cart" and factors_path is not None and set(params) <= {"rank_ratio", "scale"}:
+        point = (params.get("rank_ratio", 0.12), params.get("scale", 1.0))
+        return _content_key("model/1", "cart-factors", Path(factors_path).stem, point)
+    merge_method = get_method(method)
+    if merge_method.per_task:
+        params = {**params, "task": [t.name for t in spec.tasks].index(task)}
+    parsed = merge_method.parse_params(params)
+    inputs = [digests[t.checkpoint] for t in spec.tasks]
+    if merge_method.needs_base(parsed):
+        inputs.append(digests[spec.base])
+    return _content_key("model/1", method, parsed.model_dump(mode="json"), inputs)
+
+
+def registration_key(name: str, model_key: str) -> str:
+    """What makes registering idempotent: one registry version per (name, model)."""
+    return _content_key("registration/1", name, model_key)
+
+
+def cached_scores(
+    spec: MergeSpec,
+    cache: CheckpointCache,
+    model_key: str,
+    split: str,
+    compute,
+    only: str | None = None,
+) -> dict[str, float]:
+    """Scores of the model named ``model_key`` on ``split`` (of task ``only``), from the
+    result store when they were computed before on the same data, else ``compute()``d
+    and stored."""
+    context = evaluation_context(spec, cache)
+    key = _content_key("scores/1", model_key, split, context.data_digest(split, only))
+    store = ResultStore(cache)
+    record = store.read_json("scores", key)
+    if record is not None:
+        # the record's keys are sorted; give them back in the spec's task order
+        return {t.name: record["accuracy"][t.name] for t in context.tasks if only in (None, t.name)}
+    accuracy = compute()
+    store.write_json("scores", key, {"accuracy": accuracy, "model": model_key, "split": split})
+    return accuracy
+
+
+def score_candidate(
+    spec: MergeSpec,
+    cache: CheckpointCache,
+    candidate: dict,
+    split: str = SELECTION,
+    factors_path: str | None = None,
+) -> dict[str, float]:
+    """Per-task accuracy of a candidate on a split, through the score cache. Candidates that
+    are one model per task (finetuned, tall_masks, cart_indexed) score each task's own model
+    on that task only."""
+    context = evaluation_context(spec, cache)
+    one_per_task = candidate["method"] == "finetuned" or is_per_task(candidate["method"])
+    scores = {}
+    for task in [t.name for t in spec.tasks] if one_per_task else [None]:
+        key = candidate_key(spec, cache, candidate, factors_path, task)
+
+        def compute(task=task):
+            state = candidate_state(spec, cache, candidate, factors_path, task=task)
+            return context.score(state, split, only=task)
+
+        scores.update(cached_scores(spec, cache, key, split, compute, only=task))
+    return scores
+
+
 def score_grid_point(
     spec: MergeSpec, cache: CheckpointCache, factors_path: str, rank_ratio: float, scale: float
 ) -> dict[str, float]:
+    candidate = {"method": "cart", "params": {"rank_ratio": rank_ratio, "scale": scale}}
+    return score_candidate(spec, cache, candidate, SELECTION, factors_path)
+
+
+def score_index(
+    spec: MergeSpec, cache: CheckpointCache, path: str, split: str = REPORT
+) -> dict[str, float]:
+    """Each task's model rebuilt from the CART index at ``path``, scored on that task."""
     context = evaluation_context(spec, cache)
-    return context.score(grid_point_state(factors_path, rank_ratio, scale, spec.device), SELECTION)
+    scores = {}
+    for t in spec.tasks:
+        key = _content_key("model/1", "cart-index", Path(path).stem, t.name)
+
+        def compute(task=t.name):
+            return context.score(load_index(path).rebuild(task, spec.device), split, only=task)
+
+        scores.update(cached_scores(spec, cache, key, split, compute, only=t.name))
+    return scores
 
 
 def score_report(spec: MergeSpec, cache: CheckpointCache, state: StateDict) -> dict[str, float]:
     return evaluation_context(spec, cache).score(state, REPORT)
+
+
+def report_digest(spec: MergeSpec, cache: CheckpointCache) -> str:
+    """Digest of the report data (images, labels, heads of every task): two scores are
+    comparable when they were taken on data with one digest."""
+    return evaluation_context(spec, cache).data_digest(REPORT)
+
+
+def registered_model_scores(
+    spec: MergeSpec, cache: CheckpointCache, model_uri: str, split: str = REPORT
+) -> dict[str, float]:
+    """Per-task accuracy on ``split`` of a model loaded from the MLflow registry
+    (``models:/NAME@champion``, ``models:/NAME/3``), with its own heads and weights."""
+    import mlflow
+
+    model = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
+    if model.config != spec.model:
+        raise ParameterError(
+            f"{model_uri} is a {model.config} model; the spec's tasks are prepared for {spec.model}"
+        )
+    context = evaluation_context(spec, cache)
+    missing = [t.name for t in context.tasks if t.name not in model.heads]
+    if missing:
+        raise ParameterError(f"{model_uri} has no head for the spec's task(s) {missing}")
+    scores = {}
+    for t in context.tasks:
+        model._use_task(t.name)
+        own_head = dataclasses.replace(t, head=model.heads[t.name])
+        scores[t.name] = accuracy(model.model, own_head, split, spec.batch_size, spec.device)
+    return scores
+
+
+def summary_of(
+    spec: MergeSpec, cache: CheckpointCache, scores: dict[str, float], split: str = REPORT
+) -> dict:
+    """``scores`` summarized against the fine-tuned models' scores on the same split (NaN
+    normalized accuracy when the spec has no fine-tuned reference)."""
+    if spec.has_reference("finetuned"):
+        finetuned = {"method": "finetuned", "params": {}}
+        reference = score_candidate(spec, cache, finetuned, split)
+    else:
+        reference = {t.name: math.nan for t in spec.tasks}
+    return summarize(scores, reference)
 
 
 def heads_and_classes(spec: MergeSpec, cache: CheckpointCache):

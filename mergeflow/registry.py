@@ -6,15 +6,17 @@ model whose ``predict`` takes a DataFrame with a ``task`` column and an ``image`
 (PNG/JPEG bytes, or H×W(×C) uint8 arrays) and returns the predicted class per row.
 
 Aliases, never stages: a new version gets ``challenger``; ``champion`` moves to it only
-when its score beats the score of the version that holds ``champion`` now.
+when its score beats the score of the version that holds ``champion`` now, taken on the same
+report data (recorded in its tags, or rescored).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +27,8 @@ log = logging.getLogger(__name__)
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 SCORE_TAG = "mergeflow.score"
+REPORT_DATA_TAG = "mergeflow.report_data"
+REGISTRATION_KEY_TAG = "mergeflow.registration_key"
 # MLflow "models from code": the model is this file, not a pickle, so loading runs no
 # pickled code.
 MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
@@ -43,6 +47,7 @@ class Registration:
     run_id: str
     aliases: tuple[str, ...]
     previous_champion: str | None
+    reused: bool = False
 
 
 def current_champion(client, name: str):
@@ -55,67 +60,166 @@ def current_champion(client, name: str):
         return None
 
 
+def resolve_version(name: str, reference: str, missing_ok: bool = False) -> str | None:
+    """The version number that ``reference`` (an alias such as ``champion``, or a number)
+    names in registered model ``name``; None when ``missing_ok`` and there is none."""
+    from mlflow.exceptions import MlflowException
+
+    client = _mlflow().MlflowClient()
+    try:
+        if reference.isdigit():
+            return str(client.get_model_version(name, reference).version)
+        return str(client.get_model_version_by_alias(name, reference).version)
+    except MlflowException as exc:
+        if missing_ok:
+            return None
+        raise LookupError(f"registered model {name!r} has no version {reference!r}") from exc
+
+
+def find_version(client, name: str, registration_key: str):
+    """The version of ``name`` registered under ``registration_key``, or None."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = client.search_model_versions(f"name='{name}'")
+    except MlflowException:
+        return None
+    for version in versions:
+        if version.tags.get(REGISTRATION_KEY_TAG) == registration_key:
+            return version
+    return None
+
+
+def reuse_version(
+    client, name: str, registration_key: str, score: float, report_data: str, rescore=None
+) -> Registration | None:
+    """The registration of the version already made under ``registration_key`` (its aliases
+    settled if the attempt that made it stopped before), or None when there is none."""
+    existing = find_version(client, name, registration_key)
+    if existing is None:
+        return None
+    log.info(
+        "%s version %s already holds this model; not registering again", name, existing.version
+    )
+    aliases, previous = tuple(existing.aliases or ()), None
+    if not aliases:
+        aliases, previous = _move_aliases(client, name, existing, score, report_data, rescore)
+    return Registration(name, str(existing.version), existing.run_id, aliases, previous, True)
+
+
 def register_merged_model(
     name: str,
     model_config: str,
-    weights: Mapping[str, torch.Tensor] | None,
+    weights: Mapping[str, torch.Tensor] | Callable[[], Mapping[str, torch.Tensor]] | None,
     heads: Mapping[str, torch.Tensor],
     classes: Mapping[str, tuple[str, ...]],
     score: float,
     params: Mapping[str, object],
     metrics: Mapping[str, float],
     tags: Mapping[str, str],
+    registration_key: str,
+    report_data: str,
+    rescore: Callable[[str], float] | None = None,
     run_id: str | None = None,
     index_path: str | None = None,
+    artifacts: Mapping[str, str] | None = None,
 ) -> Registration:
     """Log the merged model in a run (the active one or ``run_id``), register a new version
     of ``name`` with ``tags``, and move the aliases by ``score`` (higher is better).
 
-    ``weights`` is the merged state dict; alternatively ``index_path`` names a CART index
-    (:mod:`mergeflow.cart_index`), and the model rebuilds each task's weights from it."""
+    ``weights`` is the merged state dict (or a function giving it, called only when a new
+    version is made); alternatively ``index_path`` names a CART index
+    (:mod:`mergeflow.cart_index`), and the model rebuilds each task's weights from it.
+
+    Idempotent: a version already registered under ``registration_key`` (a digest of what
+    the model is made from and scored on) is returned as it is, so a retried task or a
+    re-run makes no second version. ``report_data`` is the digest of the data ``score`` was
+    taken on; the champion is compared on the same data: by its recorded score when its
+    data digest matches, else by ``rescore(model_uri)`` (without it, the champion stays).
+    ``artifacts``: extra files (run-relative path → local file) logged beside the model."""
     if (weights is None) == (index_path is None):
         raise ValueError("give either weights or index_path")
-    from safetensors.torch import save_file
-
     mlflow = _mlflow()
     client = mlflow.MlflowClient()
+    reused = reuse_version(client, name, registration_key, score, report_data, rescore)
+    if reused is not None:
+        return reused
+
+    from safetensors.torch import save_file
+
     with tempfile.TemporaryDirectory(prefix="mergeflow-register-") as tmp:
         tmp = Path(tmp)
-        if weights is not None:
-            weights_file = tmp / "weights.safetensors"
-            save_file({k: v.contiguous() for k, v in weights.items()}, str(weights_file))
-        save_file({k: v.contiguous() for k, v in heads.items()}, str(tmp / "heads.safetensors"))
-        (tmp / "meta.json").write_text(
-            json.dumps({"model": model_config, "classes": {k: list(v) for k, v in classes.items()}})
-        )
-        artifacts = {
+        model_artifacts = {
             "heads": str(tmp / "heads.safetensors"),
             "meta": str(tmp / "meta.json"),
         }
         if weights is not None:
-            artifacts["weights"] = str(weights_file)
+            state = weights() if callable(weights) else weights
+            weights_file = tmp / "weights.safetensors"
+            save_file({k: v.contiguous() for k, v in state.items()}, str(weights_file))
+            model_artifacts["weights"] = str(weights_file)
         else:
-            artifacts["index"] = str(index_path)
+            model_artifacts["index"] = str(index_path)
+        save_file({k: v.contiguous() for k, v in heads.items()}, model_artifacts["heads"])
+        (tmp / "meta.json").write_text(
+            json.dumps({"model": model_config, "classes": {k: list(v) for k, v in classes.items()}})
+        )
         active = mlflow.active_run()
         reuse = active is not None and run_id in (None, active.info.run_id)
         context = nullcontext(active) if reuse else mlflow.start_run(run_id=run_id)
         with context as run:
             mlflow.log_params({k: v for k, v in params.items()})
             mlflow.log_metrics(dict(metrics))
+            for artifact_path, local in (artifacts or {}).items():
+                mlflow.log_artifact(local, str(Path(artifact_path).parent or ""))
             info = mlflow.pyfunc.log_model(
                 name="merged_model",
                 python_model=str(MODEL_CODE),
-                artifacts=artifacts,
+                artifacts=model_artifacts,
                 pip_requirements=["mergeflow", "torch", "open_clip_torch", "safetensors", "pandas"],
             )
             run_id = run.info.run_id
-    version = mlflow.register_model(info.model_uri, name, tags={**tags, SCORE_TAG: repr(score)})
+    version = mlflow.register_model(
+        info.model_uri,
+        name,
+        tags={
+            **tags,
+            SCORE_TAG: repr(score),
+            REPORT_DATA_TAG: report_data,
+            REGISTRATION_KEY_TAG: registration_key,
+        },
+    )
+    aliases, previous = _move_aliases(client, name, version, score, report_data, rescore)
+    return Registration(name, str(version.version), run_id, aliases, previous)
+
+
+def _move_aliases(client, name: str, version, score: float, report_data: str, rescore):
+    """``champion`` to ``version`` if it beats the champion on the same report data, else
+    ``challenger``; returns the aliases given and the previous champion's version."""
     champion = current_champion(client, name)
-    aliases = [CHALLENGER]
-    previous = champion.version if champion else None
-    champion_score = float(champion.tags.get(SCORE_TAG, "-inf")) if champion else float("-inf")
+    if champion is None:
+        client.set_registered_model_alias(name, CHAMPION, version.version)
+        log.info("version %s of %s is the first champion (%.4f)", version.version, name, score)
+        return (CHAMPION,), None
+    if champion.tags.get(REPORT_DATA_TAG) == report_data and SCORE_TAG in champion.tags:
+        champion_score = float(champion.tags[SCORE_TAG])
+    elif rescore is not None:
+        champion_score = rescore(f"models:/{name}/{champion.version}")
+        log.info(
+            "champion %s of %s was scored on other data; on this run's: %.4f",
+            champion.version,
+            name,
+            champion_score,
+        )
+    else:
+        log.warning(
+            "champion %s of %s was scored on other report data and cannot be rescored here: "
+            "it stays champion",
+            champion.version,
+            name,
+        )
+        champion_score = math.inf
     if score > champion_score:
-        aliases = [CHAMPION]
         client.set_registered_model_alias(name, CHAMPION, version.version)
         log.info(
             "version %s of %s is the new champion (%.4f > %.4f)",
@@ -124,19 +228,32 @@ def register_merged_model(
             score,
             champion_score,
         )
-    else:
-        client.set_registered_model_alias(name, CHALLENGER, version.version)
+        return (CHAMPION,), str(champion.version)
+    client.set_registered_model_alias(name, CHALLENGER, version.version)
+    log.info(
+        "version %s of %s is a challenger (%.4f <= champion %.4f)",
+        version.version,
+        name,
+        score,
+        champion_score,
+    )
+    return (CHALLENGER,), str(champion.version)
+
+
+def promote(client, name: str, version: str, score: float, champion_score: float) -> bool:
+    """Give ``champion`` to ``version`` when ``score`` beats ``champion_score`` (both taken
+    on the same data by the caller); returns whether it moved."""
+    if score <= champion_score:
         log.info(
-            "version %s of %s is a challenger (%.4f <= champion %.4f)",
-            version.version,
+            "version %s of %s stays behind the champion (%.4f <= %.4f)",
+            version,
             name,
             score,
             champion_score,
         )
-    return Registration(
-        name,
-        str(version.version),
-        run_id,
-        tuple(aliases),
-        str(previous) if previous is not None else None,
+        return False
+    client.set_registered_model_alias(name, CHAMPION, version)
+    log.info(
+        "version %s of %s is the new champion (%.4f > %.4f)", version, name, score, champion_score
     )
+    return True

@@ -7,7 +7,9 @@ Validation happens before any download, and every error names the field at fault
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import os
 import re
 from typing import Any, Literal
@@ -348,3 +350,8 @@ class MergeSpec(_Frozen):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def digest(self) -> str:
+        """sha256 of the spec's canonical JSON: two runs of one spec share it."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(canonical.encode()).hexdigest()

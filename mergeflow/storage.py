@@ -76,12 +76,21 @@ def default_cache_dir() -> Path:
     return Path(base) / "mergeflow"
 
 
+# (path, size, mtime_ns) → sha256: hashing a local checkpoint once per process, not per use
+_LOCAL_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
 def file_sha256(path: str | os.PathLike) -> str:
+    stat = os.stat(path)
+    memo_key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
+    if memo_key in _LOCAL_DIGESTS:
+        return _LOCAL_DIGESTS[memo_key]
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(CHUNK_BYTES):
             digest.update(chunk)
-    return digest.hexdigest()
+    _LOCAL_DIGESTS[memo_key] = digest.hexdigest()
+    return _LOCAL_DIGESTS[memo_key]
 
 
 @dataclass(frozen=True)

@@ -7,16 +7,19 @@ method, its settings, URIs and digests only.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import re
-from collections.abc import Mapping
+import subprocess
+from collections.abc import Callable, Mapping
+from pathlib import Path
 
 import torch
 
 import mergeflow
-from mergeflow.registry import register_merged_model
+from mergeflow.registry import register_merged_model, reuse_version
 from mergeflow.spec import MergeSpec
 
 SCORE_METRIC = "report_mean_normalized"
@@ -45,7 +48,35 @@ def metric_name(text: str) -> str:
     return _METRIC_UNSAFE.sub("_", text).strip("_")
 
 
-def _score(summary: Mapping) -> float:
+@functools.lru_cache(maxsize=1)
+def code_version() -> str:
+    """``$MERGEFLOW_CODE_VERSION`` (set it in images built without .git), else the package
+    version and the git commit of the checkout it runs from (``+dirty`` with local changes)."""
+    if os.environ.get("MERGEFLOW_CODE_VERSION"):
+        return os.environ["MERGEFLOW_CODE_VERSION"]
+    version = mergeflow.__version__
+    root = Path(mergeflow.__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return version
+    return f"{version}+git.{commit[:12]}" + (".dirty" if dirty else "")
+
+
+def score_of(summary: Mapping) -> float:
     """What the aliases compare: mean normalized accuracy, or mean accuracy without a
     fine-tuned reference."""
     value = summary["mean_normalized"]
@@ -54,21 +85,38 @@ def _score(summary: Mapping) -> float:
 
 def record_run(
     spec: MergeSpec,
-    weights: Mapping[str, torch.Tensor],
+    weights: Callable[[], Mapping[str, torch.Tensor]],
     heads: Mapping[str, torch.Tensor],
     classes: Mapping[str, tuple[str, ...]],
     best: dict,
     grid: list[dict],
     comparison: dict,
     lineage: Mapping[str, str],
+    registration_key: str,
+    report_data: str,
+    rescore: Callable[[str], float] | None = None,
+    charts: Mapping[str, str] | None = None,
 ) -> dict:
     """``grid``: one dict per point with method, params, label, accuracy (per task),
     mean_accuracy, mean_normalized. ``best``: the chosen point. ``comparison``: label →
-    summary on the report split, the chosen point's under its label."""
+    summary on the report split, the chosen point's under its label. ``weights`` gives the
+    winner's state dict; it is called only when this model is not registered yet (see
+    :func:`mergeflow.registry.register_merged_model` for ``registration_key``,
+    ``report_data`` and ``rescore``). ``charts``: run-relative path → image file."""
     import mlflow
 
     _use_experiment(_experiment_name(spec))
     winner = comparison[best["label"]]
+    reused = reuse_version(
+        mlflow.MlflowClient(),
+        spec.registered_model,
+        registration_key,
+        score_of(winner),
+        report_data,
+        rescore,
+    )
+    if reused is not None:
+        return _registration_result(reused, spec)
     with mlflow.start_run(run_name=best["label"]) as run:
         mlflow.set_tags({"mergeflow.spec": spec.model_dump_json()[:5000], **lineage})
         for i, point in enumerate(grid):
@@ -97,13 +145,15 @@ def record_run(
         mlflow.log_text(
             json.dumps({"grid": grid, "comparison": comparison}, indent=2), "results.json"
         )
+        for artifact_path, local in (charts or {}).items():
+            mlflow.log_artifact(local, str(Path(artifact_path).parent))
         registration = register_merged_model(
             name=spec.registered_model,
             model_config=spec.model,
             weights=weights,
             heads=heads,
             classes=classes,
-            score=_score(winner),
+            score=score_of(winner),
             params={
                 "method": best["method"],
                 **best["params"],
@@ -114,10 +164,15 @@ def record_run(
             tags={
                 **lineage,
                 "mergeflow.version": mergeflow.__version__,
+                "mergeflow.code_version": code_version(),
+                "mergeflow.spec_digest": spec.digest(),
                 "method": best["method"],
                 "params": json.dumps(best["params"], sort_keys=True),
                 **{k: str(v) for k, v in best["params"].items() if k in ("rank_ratio", "scale")},
             },
+            registration_key=registration_key,
+            report_data=report_data,
+            rescore=rescore,
             run_id=run.info.run_id,
         )
     return _registration_result(registration, spec)
@@ -130,6 +185,9 @@ def record_index(
     heads: Mapping[str, torch.Tensor],
     classes: Mapping[str, tuple[str, ...]],
     lineage: Mapping[str, str],
+    registration_key: str,
+    report_data: str,
+    rescore: Callable[[str], float] | None = None,
 ) -> dict:
     """Register the CART index as ``REGISTERED_MODEL-indexed``: one model that rebuilds the
     named task's weights on demand. ``summary``: per-task report accuracy of the rebuilt
@@ -140,6 +198,11 @@ def record_index(
     _use_experiment(_experiment_name(spec))
     name = f"{spec.registered_model}-indexed"
     settings = spec.compression.model_dump(exclude={"register_model"}, exclude_none=True)
+    reused = reuse_version(
+        mlflow.MlflowClient(), name, registration_key, score_of(summary), report_data, rescore
+    )
+    if reused is not None:
+        return _registration_result(reused, spec)
     with mlflow.start_run(run_name=f"cart_indexed {settings}") as run:
         mlflow.set_tags(dict(lineage))
         metrics = {
@@ -157,26 +220,46 @@ def record_index(
             index_path=compression["path"],
             heads=heads,
             classes=classes,
-            score=_score(summary),
+            score=score_of(summary),
             params={"method": "cart_indexed", **settings, "model": spec.model},
             metrics=metrics,
             tags={
                 **lineage,
                 "mergeflow.version": mergeflow.__version__,
+                "mergeflow.code_version": code_version(),
+                "mergeflow.spec_digest": spec.digest(),
                 "method": "cart_indexed",
                 "params": json.dumps(settings, sort_keys=True),
             },
+            registration_key=registration_key,
+            report_data=report_data,
+            rescore=rescore,
             run_id=run.info.run_id,
         )
     return _registration_result(registration, spec)
 
 
 def _registration_result(registration, spec: MergeSpec) -> dict:
+    """The registration as a small dict, with where its run's artifacts are and, for an
+    HTTP tracking server, the run's page."""
+    import mlflow
+
+    run = mlflow.MlflowClient().get_run(registration.run_id)
+    tracking = mlflow.get_tracking_uri()
+    run_url = None
+    if tracking.startswith(("http://", "https://")):
+        run_url = (
+            f"{tracking.rstrip('/')}/#/experiments/{run.info.experiment_id}"
+            f"/runs/{registration.run_id}"
+        )
     return {
+        "artifact_uri": run.info.artifact_uri,
+        "run_url": run_url,
         "name": registration.name,
         "version": registration.version,
         "aliases": list(registration.aliases),
         "previous_champion": registration.previous_champion,
         "run_id": registration.run_id,
         "experiment": _experiment_name(spec),
+        "reused": registration.reused,
     }

@@ -6,6 +6,8 @@ the cache. Only I/O retries (registration); the math never does.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prefect import task
 
 from mergeflow import pipeline
@@ -43,6 +45,7 @@ def evaluate_grid_point(
     scale: float,
     cache_dir: str | None = None,
 ) -> dict[str, float]:
+    """Selection-split accuracy per task of one CART grid point (cached by content)."""
     return pipeline.score_grid_point(spec, _cache(cache_dir), factors_path, rank_ratio, scale)
 
 
@@ -54,21 +57,12 @@ def score_candidate(
     factors_path: str | None = None,
     cache_dir: str | None = None,
 ) -> dict[str, float]:
-    """Per-task accuracy of a candidate ({method, params, label}) on a split. Candidates that
-    are one model per task (finetuned, tall_masks, cart_indexed) score each task's own model
-    on that task only."""
+    """Per-task accuracy of a candidate ({method, params, label}) on a split, cached by the
+    candidate's recipe and the data's digest. Candidates that are one model per task
+    (finetuned, tall_masks, cart_indexed) score each task's own model on that task only."""
     if split not in (SELECTION, REPORT):
         raise ValueError(f"split must be {SELECTION!r} or {REPORT!r}, not {split!r}")
-    cache = _cache(cache_dir)
-    context = pipeline.evaluation_context(spec, cache)
-    if candidate["method"] == "finetuned" or pipeline.is_per_task(candidate["method"]):
-        scores = {}
-        for t in spec.tasks:
-            state = pipeline.candidate_state(spec, cache, candidate, factors_path, task=t.name)
-            scores.update(context.score(state, split, only=t.name))
-        return scores
-    state = pipeline.candidate_state(spec, cache, candidate, factors_path)
-    return context.score(state, split)
+    return pipeline.score_candidate(spec, _cache(cache_dir), candidate, split, factors_path)
 
 
 @task(name="read adaptation", task_run_name="read what {candidate[label]} learned")
@@ -96,14 +90,19 @@ def compress_checkpoints(spec: MergeSpec, cache_dir: str | None = None) -> dict:
 def score_index(
     spec: MergeSpec, index_path: str, split: str = REPORT, cache_dir: str | None = None
 ) -> dict[str, float]:
-    """Each task's model rebuilt from the index, scored on that task."""
-    cache = _cache(cache_dir)
-    context = pipeline.evaluation_context(spec, cache)
-    index = pipeline.load_index(index_path)
-    scores = {}
-    for t in spec.tasks:
-        scores.update(context.score(index.rebuild(t.name, spec.device), split, only=t.name))
-    return scores
+    """Each task's model rebuilt from the index, scored on that task (cached)."""
+    return pipeline.score_index(spec, _cache(cache_dir), index_path, split)
+
+
+def _rescore(spec: MergeSpec, cache: CheckpointCache):
+    """How the promotion gate scores a champion that was scored on other report data."""
+    from mergeflow.tracking import score_of
+
+    def rescore(model_uri: str) -> float:
+        scores = pipeline.registered_model_scores(spec, cache, model_uri)
+        return score_of(pipeline.summary_of(spec, cache, scores))
+
+    return rescore
 
 
 @task(
@@ -119,15 +118,30 @@ def register_winner(
     grid: list[dict],
     comparison: dict,
     lineage: dict[str, str],
+    charts: dict[str, str] | None = None,
     cache_dir: str | None = None,
 ) -> dict:
-    """Log the grid and the comparison to MLflow and register the winner."""
+    """Log the grid, the comparison and the charts to MLflow and register the winner, once
+    per model: a retry or a re-run that finds this model registered makes no new version."""
     from mergeflow.tracking import record_run
 
     cache = _cache(cache_dir)
-    state = pipeline.candidate_state(spec, cache, best, factors_path)
+    model_key = pipeline.candidate_key(spec, cache, best, factors_path)
     heads, classes = pipeline.heads_and_classes(spec, cache)
-    return record_run(spec, state, heads, classes, best, grid, comparison, lineage)
+    return record_run(
+        spec,
+        lambda: pipeline.candidate_state(spec, cache, best, factors_path),
+        heads,
+        classes,
+        best,
+        grid,
+        comparison,
+        lineage,
+        registration_key=pipeline.registration_key(spec.registered_model, model_key),
+        report_data=pipeline.report_digest(spec, cache),
+        rescore=_rescore(spec, cache),
+        charts=charts,
+    )
 
 
 @task(
@@ -139,8 +153,61 @@ def register_winner(
 def register_index(
     spec: MergeSpec, compression: dict, scores: dict, lineage: dict, cache_dir: str | None = None
 ) -> dict:
-    """Register the CART index as one model that takes the task name."""
+    """Register the CART index as one model that takes the task name (once per index)."""
     from mergeflow.tracking import record_index
 
-    heads, classes = pipeline.heads_and_classes(spec, _cache(cache_dir))
-    return record_index(spec, compression, scores, heads, classes, lineage)
+    cache = _cache(cache_dir)
+    heads, classes = pipeline.heads_and_classes(spec, cache)
+    name = f"{spec.registered_model}-indexed"
+    return record_index(
+        spec,
+        compression,
+        scores,
+        heads,
+        classes,
+        lineage,
+        registration_key=pipeline.registration_key(name, Path(compression["path"]).stem),
+        report_data=pipeline.report_digest(spec, cache),
+        rescore=_rescore(spec, cache),
+    )
+
+
+@task(name="draw charts", task_run_name="draw charts of {spec.registered_model}")
+def draw_charts(spec: MergeSpec, grid: list[dict], comparison: dict, folder: str) -> dict:
+    """Accuracy against rank per scale, per-task bars and radar; run-relative path → file."""
+    from mergeflow import charts
+
+    out = Path(folder)
+    drawn = {
+        "charts/accuracy_vs_rank.png": charts.accuracy_vs_rank(grid, out / "accuracy_vs_rank.png"),
+        "charts/per_task_bars.png": charts.per_task_bars(comparison, out / "per_task_bars.png"),
+    }
+    if len(spec.tasks) >= 3:
+        drawn["charts/per_task_radar.png"] = charts.per_task_radar(
+            comparison, out / "per_task_radar.png"
+        )
+    return {name: str(path) for name, path in drawn.items()}
+
+
+@task(
+    name="score registered model",
+    task_run_name="score {model_uri} on {split}",
+    retries=2,
+    retry_delay_seconds=[5, 30],
+    retry_condition_fn=lambda task, run, state: _is_connection_error(state),
+)
+def score_registered_model(
+    spec: MergeSpec, model_uri: str, split: str = REPORT, cache_dir: str | None = None
+) -> dict:
+    """Load ``model_uri`` from the MLflow registry and summarize it on the spec's split."""
+    cache = _cache(cache_dir)
+    scores = pipeline.registered_model_scores(spec, cache, model_uri, split)
+    return pipeline.summary_of(spec, cache, scores, split)
+
+
+def _is_connection_error(state) -> bool:
+    """Retry registry reads that failed on the network, not on a bad model or spec."""
+    exc = state.data
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    return "Connection" in type(exc).__name__ or "Max retries" in str(exc)

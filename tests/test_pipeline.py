@@ -154,11 +154,40 @@ def test_pipeline_registers_a_champion_that_classifies(
     rebuilt = indexed.predict(frame)["label_index"].tolist()
     assert rebuilt == expected_labels(lambda task: index.rebuild(task, "cpu"))
 
-    # a second run that is no better leaves the champion where it is
-    again = merge_pipeline(spec, cache_dir)
-    assert again["registration"]["aliases"] == ["challenger"]
-    assert str(client.get_model_version_by_alias("zoo-test", "champion").version) == "1"
-    assert str(client.get_model_version_by_alias("zoo-test", "challenger").version) == "2"
+    # lineage: the spec, the code and the Prefect run that made it
+    assert champion.tags["mergeflow.spec_digest"] == spec.digest()
+    assert champion.tags["mergeflow.code_version"].startswith("0.1.0")
+    flow_run_id = champion.tags["prefect.flow_run_id"]
+    assert len(flow_run_id) == 36
+    # charts are logged with the run and linked from the report
+    artifacts = {a.path for a in client.list_artifacts(champion.run_id, "charts")}
+    assert artifacts == {
+        "charts/accuracy_vs_rank.png",
+        "charts/per_task_bars.png",
+        "charts/per_task_radar.png",
+    }
+    for path in result["charts"].values():
+        assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # a second run of the same spec recomputes nothing (no SVD, no merge, no score) and
+    # makes no new version
+    from mergeflow.cart_grid import CartFactors
+    from mergeflow.cart_index import CartIndex
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("recomputed on a re-run of the same spec")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(CartFactors, "factorize", must_not_run)
+        patch.setattr(pipeline.EvaluationContext, "score", must_not_run)
+        patch.setattr(pipeline, "merge_state", must_not_run)
+        patch.setattr(pipeline, "_run_data_aware", must_not_run)
+        patch.setattr(CartIndex, "build", must_not_run)
+        again = merge_pipeline(spec, cache_dir)
+    assert again["registration"]["version"] == "1"
+    assert again["registration"]["reused"] is True
+    assert again["comparison"] == comparison
+    assert len(client.search_model_versions("name='zoo-test'")) == 1
     assert os.environ["MLFLOW_TRACKING_URI"] == tracking
 
     # no credential reached the logs, the flow runs' parameters, the artifacts or MLflow
