@@ -15,7 +15,6 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Annotated
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import (
@@ -27,7 +26,6 @@ from prefect.artifacts import (
 from prefect.futures import as_completed
 from prefect.runtime import deployment, flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
-from pydantic import Field
 
 from mergeflow.evaluation import REPORT, SELECTION, summarize
 from mergeflow.pipeline import is_data_aware, is_per_task
@@ -103,7 +101,7 @@ def _lineage(spec: MergeSpec, fetched: list[dict]) -> dict[str, str]:
     if flow_run.id:
         lineage["prefect.flow_run_id"] = str(flow_run.id)
     if deployment.id:
-        lineage["prefect.deployment"] = f"{deployment.flow_name}/{deployment.name}"
+        lineage["prefect.deployment"] = f"{flow_run.flow_name}/{deployment.name}"
     return lineage
 
 
@@ -121,14 +119,22 @@ class _Progress:
 
 @flow(name="merge-pipeline", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=4))
 def merge_pipeline(
-    spec: Annotated[MergeSpec, Field(description="what to merge, how to search, where to report")],
-    cache_dir: Annotated[
-        str | None, Field(description="local cache folder (default: ~/.cache/mergeflow)")
-    ] = None,
+    spec: MergeSpec,
+    cache_dir: str | None = None,
+    gpu_deployment: str | None = None,
 ) -> dict:
     """Merge the spec's fine-tuned checkpoints with CART over its rank grid (and any other
     method families it lists), score every point on each task's selection split, compare
-    the best with the baselines on the report split, and register it in MLflow."""
+    the best with the baselines on the report split, and register it in MLflow.
+
+    Args:
+        spec: what to merge (base and fine-tuned checkpoints, each task's dataset), the grid
+            to search, the baselines to compare with, and the registered model's name.
+        cache_dir: local cache folder for fetched files and prepared images (default:
+            $MERGEFLOW_CACHE_DIR, else ~/.cache/mergeflow).
+        gpu_deployment: run the SVD factorization as this deployment (on the GPU pool)
+            first; the pipeline then reads its result from the shared result store.
+    """
     logger = get_run_logger()
     started = time.perf_counter()
     uris = [spec.base] + [t.checkpoint for t in spec.tasks]
@@ -140,6 +146,8 @@ def merge_pipeline(
     finetuned = {"method": "finetuned", "params": {}, "label": "finetuned"}
     finetuned_selection = score_candidate(spec, finetuned, SELECTION, cache_dir=cache_dir)
 
+    if gpu_deployment:
+        _run_gpu_part(gpu_deployment, spec)
     factors_path = factorize_checkpoints(spec, cache_dir)
     families, candidates = grid_candidates(spec)
     key = _artifact_key(spec.registered_model)
@@ -275,6 +283,15 @@ def merge_pipeline(
     }
 
 
+def _run_gpu_part(name: str, spec: MergeSpec) -> None:
+    """Run the factorization as deployment ``name`` (on the GPU pool) and wait for it."""
+    from prefect.deployments import run_deployment
+
+    run = run_deployment(name, parameters={"spec": spec.model_dump(mode="json")}, as_subflow=True)
+    if not run.state.is_completed():
+        raise RuntimeError(f"GPU deployment {name} ended {run.state.name}: {run.state.message}")
+
+
 def _report_folder(cache_dir: str | None, key: str) -> str:
     run = str(flow_run.id) if flow_run.id else time.strftime("%Y%m%d-%H%M%S")
     return str(CheckpointCache(cache_dir).root / "reports" / key / run)
@@ -341,6 +358,11 @@ def on_dask(address: str | None = None):
     return merge_pipeline.with_options(
         name="merge-pipeline-dask", task_runner=dask_task_runner(address)
     )
+
+
+# the deployable form (prefect.yaml, deployment merge-pipeline/dask): the scheduler address
+# comes from $MERGEFLOW_DASK_ADDRESS on the worker, else a local cluster is started
+merge_pipeline_on_dask = on_dask()
 
 
 def run_from_cli(spec_path: str, cache_dir: str | None = None, dask: str | None = None) -> dict:

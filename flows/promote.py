@@ -6,10 +6,7 @@ mergeflow promote SPEC.yaml [--version N]      (default: the version holding ``c
 
 from __future__ import annotations
 
-from typing import Annotated
-
 from prefect import flow
-from pydantic import Field
 
 from mergeflow.spec import MergeSpec
 from mergeflow.tracking import score_of
@@ -19,17 +16,20 @@ from tasks.registry import move_champion, resolve_version
 
 @flow(name="promote", log_prints=True)
 def promote(
-    spec: Annotated[MergeSpec, Field(description="whose report splits decide")],
-    version: Annotated[
-        str | None, Field(description="version to consider (default: the challenger)")
-    ] = None,
-    model_name: Annotated[
-        str | None, Field(description="registered model (default: the spec's)")
-    ] = None,
-    cache_dir: Annotated[str | None, Field(description="local cache folder")] = None,
+    spec: MergeSpec,
+    version: str | None = None,
+    model_name: str | None = None,
+    cache_dir: str | None = None,
 ) -> dict:
     """Give ``champion`` to ``version`` if it scores higher than the champion on the same
-    report data (both are scored now, by this run); otherwise change nothing."""
+    report data (both are scored now, by this run); otherwise change nothing.
+
+    Args:
+        spec: the spec whose tasks' report splits decide.
+        version: the version to consider, a number or an alias (default: challenger).
+        model_name: the registered model (default: the spec's registered_model).
+        cache_dir: local cache folder.
+    """
     name = model_name or spec.registered_model
     candidate = resolve_version(name, version or "challenger")
     champion = resolve_version(name, "champion", missing_ok=True)

@@ -65,7 +65,7 @@ def per_task_bars(comparison: Mapping[str, Mapping], path: str | Path) -> Path:
     tasks = list(next(iter(comparison.values()))["accuracy"])
     groups = [*tasks, "mean"]
     width = 0.8 / len(labels)
-    figure, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(groups) * max(1, len(labels) / 4)), 4.5))
+    figure, ax = plt.subplots(figsize=(max(7.0, len(groups) * (0.6 + 0.22 * len(labels))), 4.5))
     for i, label in enumerate(labels):
         summary = comparison[label]
         values = [100 * summary["accuracy"][t] for t in tasks] + [100 * summary["mean_accuracy"]]
@@ -79,7 +79,7 @@ def per_task_bars(comparison: Mapping[str, Mapping], path: str | Path) -> Path:
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 100)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize="x-small", ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.set_title("Report-split accuracy per task")
     figure.tight_layout()
     return _save(plt, figure, path)

@@ -1,0 +1,102 @@
+"""Create mergeflow's work pools, concurrency limits and variables on a Prefect server, then
+deploy every flow of ../prefect.yaml. Safe to run again: what exists is updated.
+
+    PREFECT_API_URL=http://prefect.internal:4200/api python infra/setup_prefect.py --gpus 2
+
+- work pool ``cpu`` (process): the pipeline, the promotion flow, single merges;
+- work pool ``gpu`` (process; use a Kubernetes pool with infra/k8s/gpu-job-template.json on a
+  cluster) limited to ``--gpus`` concurrent flow runs: the pipeline's GPU part on its own;
+- tag concurrency limit ``gpu`` = ``--gpus``: tasks tagged ``gpu`` (SVD factorization, CART
+  index, merges) run at most one per GPU, whichever pool's worker runs them;
+- variable ``mergeflow-nightly-spec`` from ``--nightly-spec FILE`` (the scheduled run reads
+  it at run time), when given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+GPU_TAG = "gpu"
+
+
+def ensure_pools(client, gpus: int) -> None:
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    client.create_work_pool(
+        WorkPoolCreate(name="cpu", type="process", description="mergeflow CPU work"),
+        overwrite=True,
+    )
+    client.create_work_pool(
+        WorkPoolCreate(
+            name="gpu",
+            type="process",
+            description=f"mergeflow GPU work: {gpus} GPU(s), one flow run each",
+            concurrency_limit=gpus,
+        ),
+        overwrite=True,
+    )
+
+
+def ensure_gpu_task_limit(client, gpus: int) -> None:
+    """One task tagged ``gpu`` per GPU across all runs (a tag limit is replaced, not added)."""
+    from prefect.exceptions import ObjectNotFound
+
+    with contextlib.suppress(ObjectNotFound):
+        client.delete_concurrency_limit_by_tag(GPU_TAG)
+    client.create_concurrency_limit(tag=GPU_TAG, concurrency_limit=gpus)
+
+
+def set_nightly_spec(path: str) -> None:
+    from prefect.variables import Variable
+
+    from flows.scheduled import SPEC_VARIABLE
+    from mergeflow.spec import MergeSpec
+
+    MergeSpec.from_yaml(path)  # refuse a bad spec here, not at 2 a.m.
+    Variable.set(SPEC_VARIABLE, Path(path).read_text(), overwrite=True)
+
+
+def deploy(names: list[str] | None) -> None:
+    """``prefect deploy`` of prefect.yaml's deployments (all, or the named ones)."""
+    command = [sys.executable, "-m", "prefect", "--no-prompt", "deploy"]
+    command += [arg for name in names for arg in ("--name", name)] if names else ["--all"]
+    env = {**os.environ, "MERGEFLOW_HOME": os.environ.get("MERGEFLOW_HOME", str(ROOT))}
+    subprocess.run(command, cwd=ROOT, env=env, check=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--gpus", type=int, default=1, help="GPUs in the gpu pool (default 1)")
+    parser.add_argument("--nightly-spec", help="YAML spec the scheduled deployment runs")
+    parser.add_argument(
+        "--deployment", action="append", help="deploy only this one (repeatable; default all)"
+    )
+    parser.add_argument("--no-deploy", action="store_true", help="pools and limits only")
+    args = parser.parse_args(argv)
+    if args.gpus < 1:
+        parser.error("--gpus must be at least 1")
+    if not os.environ.get("PREFECT_API_URL"):
+        parser.error("set PREFECT_API_URL to the Prefect server's API, e.g. http://HOST:4200/api")
+    sys.path.insert(0, str(ROOT))
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        ensure_pools(client, args.gpus)
+        ensure_gpu_task_limit(client, args.gpus)
+    if args.nightly_spec:
+        set_nightly_spec(args.nightly_spec)
+    if not args.no_deploy:
+        deploy(args.deployment)
+    api = os.environ["PREFECT_API_URL"]
+    print(f"pools cpu and gpu, tag limit {GPU_TAG}={args.gpus} ready on {api}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
