@@ -12,7 +12,7 @@ export AWS_EC2_METADATA_DISABLED := true
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup test lint format demo bench bench-memory lock clean
+.PHONY: setup test lint format demo bench bench-memory deploy lock clean
 
 setup: $(STAMP)
 
@@ -28,16 +28,16 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 	touch $@
 
 test: setup
-	$(PY) -m ruff check mergeflow tasks flows tests bench
+	$(PY) -m ruff check mergeflow tasks flows tests bench infra
 	$(PY) -m pytest
 
 lint: setup
-	$(PY) -m ruff check mergeflow tasks flows tests bench
-	$(PY) -m ruff format --check mergeflow tasks flows tests bench
+	$(PY) -m ruff check mergeflow tasks flows tests bench infra
+	$(PY) -m ruff format --check mergeflow tasks flows tests bench infra
 
 format: setup
-	$(PY) -m ruff format mergeflow tasks flows tests bench
-	$(PY) -m ruff check --fix mergeflow tasks flows tests bench
+	$(PY) -m ruff format mergeflow tasks flows tests bench infra
+	$(PY) -m ruff check --fix mergeflow tasks flows tests bench infra
 
 demo: setup
 	$(PY) -m flows.demo
@@ -47,6 +47,13 @@ bench: setup
 
 bench-memory: setup
 	$(PY) bench/memory.py
+
+# Work pools (cpu, gpu), the gpu tag limit and every deployment of prefect.yaml, on the
+# Prefect server at PREFECT_API_URL. GPUS=2 for two GPUs; NIGHTLY_SPEC=spec.yaml for the
+# scheduled run's spec.
+GPUS ?= 1
+deploy: setup
+	$(PY) infra/setup_prefect.py --gpus $(GPUS) $(if $(NIGHTLY_SPEC),--nightly-spec $(NIGHTLY_SPEC))
 
 lock: setup
 	( echo "# Exact versions of the whole stack, from 'make lock' (pip freeze of a working .venv)."; \

@@ -132,3 +132,16 @@ def zoo(tmp_path_factory):
     )
     manifest = build_zoo(folder, config, say=lambda line: None)
     return folder, manifest
+
+
+@pytest.fixture
+def tracking(tmp_path, monkeypatch):
+    """MLflow on a fresh SQLite store (with its model registry) for one test."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MERGEFLOW_ARTIFACT_ROOT", (tmp_path / "artifacts").as_uri())
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    mlflow.set_tracking_uri(None)

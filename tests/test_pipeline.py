@@ -16,16 +16,6 @@ from mergeflow.models import image_transform
 from mergeflow.zoo.zoo import ZooConfig, build_zoo, upload_zoo, zoo_spec
 
 
-@pytest.fixture
-def tracking(tmp_path, monkeypatch):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.setenv("MERGEFLOW_ARTIFACT_ROOT", (tmp_path / "artifacts").as_uri())
-    mlflow.set_tracking_uri(uri)
-    yield uri
-    mlflow.set_tracking_uri(None)
-
-
 def test_zoo_build_is_reused(zoo):
     folder, manifest = zoo
     assert [t["name"] for t in manifest["tasks"]] == list(TASKS)

@@ -1,0 +1,334 @@
+"""Production behaviour: the registry's lifecycle (idempotent registration, the promotion
+gate), the shared result store, re-runs and resumed runs that recompute nothing, the
+promote flow and `mergeflow score-model`, and the Dask run against the local one.
+
+Real parts throughout: moto's S3 server, MLflow on SQLite, Prefect's test API, the zoo.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from conftest import tiny_tower_state
+
+from mergeflow import pipeline, registry
+from mergeflow.results import STORE_VARIABLE, ResultStore
+from mergeflow.storage import CheckpointCache
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# --- the registry's lifecycle -------------------------------------------------------------
+
+
+def _register(name, score, key, data, rescore=None):
+    return registry.register_merged_model(
+        name=name,
+        model_config="mergeflow-tiny-vit",
+        weights=tiny_tower_state(),
+        heads={"a": torch.randn(2, 16)},
+        classes={"a": ("x", "y")},
+        score=score,
+        params={},
+        metrics={},
+        tags={},
+        registration_key=key,
+        report_data=data,
+        rescore=rescore,
+    )
+
+
+def test_registration_is_idempotent_and_champion_moves_only_on_the_same_data(tracking):
+    client = mlflow.MlflowClient()
+
+    def champion():
+        return str(client.get_model_version_by_alias("m", "champion").version)
+
+    first = _register("m", 0.5, "k1", "data-1")
+    assert (first.version, first.aliases, first.reused) == ("1", ("champion",), False)
+
+    # a retried or repeated registration of the same model makes no second version
+    again = _register("m", 0.9, "k1", "data-1")
+    assert (again.version, again.aliases, again.reused) == ("1", ("champion",), True)
+    assert len(client.search_model_versions("name='m'")) == 1
+
+    # a worse model on the same data is a challenger; the champion stays
+    worse = _register("m", 0.4, "k2", "data-1")
+    assert (worse.version, worse.aliases) == ("2", ("challenger",))
+    assert champion() == "1"
+
+    # a higher score on other data does not count: the champion is rescored on that data
+    asked = []
+
+    def rescore(uri):
+        asked.append(uri)
+        return 0.8
+
+    other_data = _register("m", 0.7, "k3", "data-2", rescore=rescore)
+    assert other_data.aliases == ("challenger",)
+    assert asked == ["models:/m/1"]
+    assert champion() == "1"
+
+    # ... and when it cannot be rescored, the champion stays
+    unverifiable = _register("m", 0.99, "k4", "data-3")
+    assert unverifiable.aliases == ("challenger",)
+    assert champion() == "1"
+
+    # a better model on the same data takes champion
+    better = _register("m", 0.6, "k5", "data-1")
+    assert (better.version, better.aliases, better.previous_champion) == (
+        "5",
+        ("champion",),
+        "1",
+    )
+    assert champion() == "5"
+    tags = client.get_model_version("m", "5").tags
+    assert tags[registry.REPORT_DATA_TAG] == "data-1"
+    assert float(tags[registry.SCORE_TAG]) == 0.6
+
+
+def test_a_registration_interrupted_before_its_aliases_is_completed_by_the_retry(tracking):
+    client = mlflow.MlflowClient()
+    _register("m", 0.5, "k1", "data-1")
+    source = client.get_model_version("m", "1").source
+    # an attempt that registered version 2 and died before it set any alias
+    mlflow.register_model(
+        source,
+        "m",
+        tags={
+            registry.REGISTRATION_KEY_TAG: "k2",
+            registry.SCORE_TAG: "0.7",
+            registry.REPORT_DATA_TAG: "data-1",
+        },
+    )
+    retry = _register("m", 0.7, "k2", "data-1")
+    assert (retry.version, retry.aliases, retry.reused) == ("2", ("champion",), True)
+    assert len(client.search_model_versions("name='m'")) == 2
+
+
+# --- pipeline runs on the zoo ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def zoo_prefix(zoo, s3_endpoint):
+    import boto3
+
+    from mergeflow.zoo.zoo import upload_zoo
+
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="mf-production")
+    folder, manifest = zoo
+    prefix = "s3://mf-production/zoo"
+    upload_zoo(folder, prefix)
+    return prefix, manifest
+
+
+def _spec(zoo_prefix, name, **overrides):
+    from mergeflow.zoo.zoo import zoo_spec
+
+    prefix, manifest = zoo_prefix
+    settings = {
+        "rank_ratios": (0.1, 0.3, 0.5),
+        "scales": (1.0, 2.0),
+        "baselines": ["average", "finetuned"],
+        **overrides,
+    }
+    return zoo_spec(manifest, prefix, name, **settings)
+
+
+def _scores_of(result):
+    grid = {p["label"]: p["accuracy"] for p in result["grid"]}
+    report = {name: s["accuracy"] for name, s in result["comparison"].items()}
+    return grid, report
+
+
+class _Counter:
+    """Counts calls of EvaluationContext.score (every forward pass over a split)."""
+
+    def __init__(self, patch):
+        self.calls = 0
+        original = pipeline.EvaluationContext.score
+
+        def counted(context, *args, **kwargs):
+            self.calls += 1
+            return original(context, *args, **kwargs)
+
+        patch.setattr(pipeline.EvaluationContext, "score", counted)
+
+
+def test_result_store_on_s3_is_shared_by_workers_with_empty_caches(
+    prefect_harness, zoo_prefix, tracking, tmp_path, monkeypatch
+):
+    from flows.merge_pipeline import merge_pipeline
+    from mergeflow.cart_grid import CartFactors
+
+    monkeypatch.setenv(STORE_VARIABLE, "s3://mf-production/results")
+    spec = _spec(zoo_prefix, "shared-store")
+    first = merge_pipeline(spec, str(tmp_path / "worker-a"))
+    store = ResultStore(CheckpointCache(tmp_path / "worker-b"))
+    assert store.remote and store.root == "s3://mf-production/results"
+    assert len(store.records("scores")) > 6
+    assert store.has_file("factors", Path(_factors_path(spec, tmp_path / "worker-a")).name)
+
+    # a second worker with an empty local cache finds everything in the store
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("recomputed what the shared store holds")
+
+    monkeypatch.setattr(CartFactors, "factorize", must_not_run)
+    monkeypatch.setattr(pipeline.EvaluationContext, "score", must_not_run)
+    monkeypatch.setattr(pipeline, "merge_state", must_not_run)
+    second = merge_pipeline(spec, str(tmp_path / "worker-b"))
+    assert _scores_of(second) == _scores_of(first)
+    assert second["registration"]["version"] == first["registration"]["version"] == "1"
+    assert second["registration"]["reused"] is True
+
+
+def _factors_path(spec, cache_dir):
+    return pipeline.factorize(spec, CheckpointCache(cache_dir))
+
+
+def test_a_killed_run_resumes_and_ends_like_a_clean_run(
+    prefect_harness, zoo_prefix, tracking, tmp_path, monkeypatch
+):
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.merge_pipeline import merge_pipeline
+
+    spec = _spec(zoo_prefix, "killed", rank_ratios=(0.05, 0.1, 0.2, 0.3, 0.5, 1.0))
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(spec.to_yaml())
+    cache_dir = tmp_path / "cache"
+    store = ResultStore(CheckpointCache(cache_dir))
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": PREFECT_API_URL.value(),
+        "MLFLOW_TRACKING_URI": tracking,
+        "PYTHONPATH": str(ROOT),
+    }
+    run = subprocess.Popen(
+        [sys.executable, "-m", "mergeflow", "run", str(spec_file), "--cache-dir", str(cache_dir)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    # killed once a few grid points are scored: 3 records are the fine-tuned references
+    deadline = time.monotonic() + 300
+    while len(store.records("scores")) < 6 and run.poll() is None:
+        assert time.monotonic() < deadline, "the run scored nothing in 5 minutes"
+        time.sleep(0.02)
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    assert run.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    kept = len(store.records("scores"))
+    assert kept >= 6
+    assert not mlflow.MlflowClient().search_registered_models()
+
+    with pytest.MonkeyPatch.context() as patch:
+        counter = _Counter(patch)
+        resumed = merge_pipeline(spec, str(cache_dir))
+    with pytest.MonkeyPatch.context() as patch:
+        clean_counter = _Counter(patch)
+        clean = merge_pipeline(spec, str(tmp_path / "clean-cache"))
+    assert _scores_of(resumed) == _scores_of(clean)
+    # the resumed run scored only what the killed one had not: each stored record is one
+    # forward pass the clean run made and the resumed run did not
+    assert counter.calls == clean_counter.calls - kept
+
+
+def test_promote_flow_and_score_model_on_the_registry(
+    prefect_harness, zoo_prefix, tracking, tmp_path, capsys
+):
+    from flows.merge_pipeline import merge_pipeline
+    from flows.promote import promote
+    from mergeflow.cli import main
+
+    spec = _spec(zoo_prefix, "promoted")
+    cache_dir = str(tmp_path / "cache")
+    result = merge_pipeline(spec, cache_dir)
+    winner = result["comparison"][result["best"]["label"]]
+
+    # `mergeflow score-model` loads the champion from the registry and scores it: the same
+    # accuracy the pipeline recorded for it
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(spec.to_yaml())
+    capsys.readouterr()
+    assert (
+        main(
+            [
+                "score-model",
+                "models:/promoted@champion",
+                "--spec",
+                str(spec_file),
+                "--cache-dir",
+                cache_dir,
+            ]
+        )
+        == 0
+    )
+    mean_line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert mean_line.split()[:3] == ["mean", "accuracy", f"{winner['mean_accuracy']:.4f}"]
+
+    # a broken model (its image projection zeroed) as version 2, registered as challenger
+    cache = CheckpointCache(cache_dir)
+    broken = dict(pipeline.candidate_state(spec, cache, result["best"], None))
+    broken["visual.proj"] = torch.zeros_like(broken["visual.proj"])
+    heads, classes = pipeline.heads_and_classes(spec, cache)
+    registry.register_merged_model(
+        "promoted",
+        spec.model,
+        broken,
+        heads,
+        classes,
+        score=-1.0,
+        params={},
+        metrics={},
+        tags={},
+        registration_key="broken",
+        report_data="elsewhere",
+    )
+    kept = promote(spec, cache_dir=cache_dir)
+    assert kept["version"] == "2" and kept["previous_champion"] == "1"
+    assert kept["score"] != kept["champion_score"]
+    client = mlflow.MlflowClient()
+    champion = str(client.get_model_version_by_alias("promoted", "champion").version)
+    assert kept["promoted"] == (kept["score"] > kept["champion_score"])
+    assert champion == ("2" if kept["promoted"] else "1")
+
+    # hand champion to the worse one by hand, then promote the better one: the gate moves it
+    better = champion
+    worse = "1" if better == "2" else "2"
+    client.set_registered_model_alias("promoted", "champion", worse)
+    back = promote(spec, version=better, cache_dir=cache_dir)
+    assert back["promoted"] is True
+    assert str(client.get_model_version_by_alias("promoted", "champion").version) == better
+
+
+def test_dask_run_equals_the_local_run(prefect_harness, zoo_prefix, tracking, tmp_path):
+    from flows.merge_pipeline import merge_pipeline, on_dask
+
+    spec = _spec(
+        zoo_prefix,
+        "on-dask",
+        families=[{"method": "ties", "search": {"scale": [0.5, 1.0]}}],
+        baselines=["average", "finetuned", "tall_masks"],
+    )
+    with pytest.MonkeyPatch.context() as patch:
+        local_counter = _Counter(patch)
+        local = merge_pipeline(spec, str(tmp_path / "local"))
+    with pytest.MonkeyPatch.context() as patch:
+        in_flow_process = _Counter(patch)
+        distributed = on_dask()(spec, str(tmp_path / "dask"))
+    # the grid and the report were scored by the Dask workers (other processes); the flow
+    # process itself scored only the fine-tuned references it normalizes by
+    assert in_flow_process.calls == len(spec.tasks) < local_counter.calls
+    assert _scores_of(distributed) == _scores_of(local)
+    assert distributed["best"] == local["best"]
+    # the same model: the second registration finds the first
+    assert distributed["registration"]["reused"] is True
