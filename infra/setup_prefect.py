@@ -4,8 +4,9 @@ deploy every flow of ../prefect.yaml. Safe to run again: what exists is updated.
     PREFECT_API_URL=http://prefect.internal:4200/api python infra/setup_prefect.py --gpus 2
 
 - work pool ``cpu`` (process): the pipeline, the promotion flow, single merges;
-- work pool ``gpu`` (process; use a Kubernetes pool with infra/k8s/gpu-job-template.json on a
-  cluster) limited to ``--gpus`` concurrent flow runs: the pipeline's GPU part on its own;
+- work pool ``gpu`` (process, or with ``--kubernetes-template infra/k8s/gpu-job-template.json``
+  a Kubernetes pool whose jobs request GPUs) limited to ``--gpus`` concurrent flow runs: the
+  pipeline's GPU part on its own;
 - tag concurrency limit ``gpu`` = ``--gpus``: tasks tagged ``gpu`` (SVD factorization, CART
   index, merges) run at most one per GPU, whichever pool's worker runs them;
 - variable ``mergeflow-nightly-spec`` from ``--nightly-spec FILE`` (the scheduled run reads
@@ -25,22 +26,27 @@ ROOT = Path(__file__).resolve().parent.parent
 GPU_TAG = "gpu"
 
 
-def ensure_pools(client, gpus: int) -> None:
+def ensure_pools(client, gpus: int, kubernetes_template: str | None = None) -> None:
+    """Pools ``cpu`` (process) and ``gpu`` (process, or Kubernetes with the given base job
+    template), the latter limited to one flow run per GPU."""
+    import json
+
     from prefect.client.schemas.actions import WorkPoolCreate
 
     client.create_work_pool(
         WorkPoolCreate(name="cpu", type="process", description="mergeflow CPU work"),
         overwrite=True,
     )
-    client.create_work_pool(
-        WorkPoolCreate(
-            name="gpu",
-            type="process",
-            description=f"mergeflow GPU work: {gpus} GPU(s), one flow run each",
-            concurrency_limit=gpus,
-        ),
-        overwrite=True,
-    )
+    gpu = {
+        "name": "gpu",
+        "type": "process",
+        "description": f"mergeflow GPU work: {gpus} GPU(s), one flow run each",
+        "concurrency_limit": gpus,
+    }
+    if kubernetes_template:
+        gpu["type"] = "kubernetes"
+        gpu["base_job_template"] = json.loads(Path(kubernetes_template).read_text())
+    client.create_work_pool(WorkPoolCreate(**gpu), overwrite=True)
 
 
 def ensure_gpu_task_limit(client, gpus: int) -> None:
@@ -78,6 +84,11 @@ def main(argv: list[str] | None = None) -> int:
         "--deployment", action="append", help="deploy only this one (repeatable; default all)"
     )
     parser.add_argument("--no-deploy", action="store_true", help="pools and limits only")
+    parser.add_argument(
+        "--kubernetes-template",
+        help="make the gpu pool a Kubernetes pool with this base job template "
+        "(infra/k8s/gpu-job-template.json); its workers need prefect-kubernetes",
+    )
     args = parser.parse_args(argv)
     if args.gpus < 1:
         parser.error("--gpus must be at least 1")
@@ -87,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
-        ensure_pools(client, args.gpus)
+        ensure_pools(client, args.gpus, args.kubernetes_template)
         ensure_gpu_task_limit(client, args.gpus)
     if args.nightly_spec:
         set_nightly_spec(args.nightly_spec)
