@@ -120,6 +120,15 @@ def _adaptation_lines(comparison: dict) -> list[str]:
     return lines
 
 
+def _score_champion(spec, cache_dir: Path) -> dict:
+    from mergeflow import pipeline
+    from mergeflow.storage import CheckpointCache
+
+    cache = CheckpointCache(cache_dir)
+    uri = f"models:/{spec.registered_model}@champion"
+    return pipeline.summary_of(spec, cache, pipeline.registered_model_scores(spec, cache, uri))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -166,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         from flows.merge_pipeline import merge_pipeline
 
         result = merge_pipeline(spec, str(demo_dir / "cache"))
+        champion = _score_champion(spec, demo_dir / "cache")
     finally:
         server.stop()
 
@@ -192,15 +202,22 @@ def main(argv: list[str] | None = None) -> int:
             f"models:/{compression['registration']['name']}/"
             f"{compression['registration']['version']}"
         )
+    from mergeflow.registry import resolve_version
+
     aliases = ", ".join(registration["aliases"])
-    holder = (
-        registration["version"]
-        if "champion" in registration["aliases"]
-        else registration["previous_champion"]
-    )
+    again = " (already registered: this run made no new version)" if registration["reused"] else ""
     print(
-        f"registered: models:/{registration['name']}/{registration['version']} ({aliases}); "
-        f"models:/{registration['name']}@champion is version {holder}"
+        f"registered: models:/{registration['name']}/{registration['version']} ({aliases}){again}; "
+        f"models:/{registration['name']}@champion is version "
+        f"{resolve_version(registration['name'], 'champion')}"
+    )
+    print(f"charts (also in MLflow, run {registration['run_id']}):")
+    for path in result["charts"].values():
+        print(f"  {path}")
+    print(
+        f"models:/{registration['name']}@champion loaded back from the registry and scored "
+        f"(what `mergeflow score-model` does): report mean accuracy "
+        f"{100 * champion['mean_accuracy']:.1f}"
     )
     print(f"demo took {time.perf_counter() - started:.0f} s")
     print()

@@ -27,12 +27,14 @@ from prefect.futures import as_completed
 from prefect.runtime import deployment, flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from mergeflow.checks import describe_distances
 from mergeflow.evaluation import REPORT, SELECTION, summarize
 from mergeflow.pipeline import is_data_aware, is_per_task
 from mergeflow.spec import MergeSpec
 from mergeflow.storage import CheckpointCache
 from tasks.checkpoints import fetch_checkpoint
 from tasks.pipeline import (
+    check_bases,
     compress_checkpoints,
     draw_charts,
     evaluate_grid_point,
@@ -140,6 +142,9 @@ def merge_pipeline(
     uris = [spec.base] + [t.checkpoint for t in spec.tasks]
     fetched = [f.result() for f in [fetch_checkpoint.submit(uri, cache_dir) for uri in uris]]
     lineage = _lineage(spec, fetched)
+    distances = check_bases(spec, cache_dir)
+    if distances:
+        logger.info("distance from the base: %s", describe_distances(distances))
     sizes = prepare_evaluation(spec, cache_dir)
     logger.info("evaluation data ready: %s", sizes)
 

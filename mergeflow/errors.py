@@ -23,3 +23,8 @@ class CheckpointError(MergeflowError, OSError):
 
 class ParameterError(MergeflowError, ValueError):
     """A merge method was given an unknown or invalid parameter."""
+
+
+class RegistrationError(MergeflowError, RuntimeError):
+    """The model registry could not take a merged model; the message says where its weights
+    were kept, so nothing computed is lost."""

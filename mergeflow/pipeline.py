@@ -108,6 +108,40 @@ def evaluation_context(spec: MergeSpec, cache: CheckpointCache) -> EvaluationCon
     return _context(spec.model_dump_json(), str(cache.root))
 
 
+def check_bases(spec: MergeSpec, cache: CheckpointCache) -> dict[str, float]:
+    """Each task's ‖θ_t − θ₀‖ / ‖θ₀‖ (kept in the result store by the checkpoints' digests);
+    a task beyond ``spec.max_base_distance`` is refused or warned about per
+    ``spec.base_check``."""
+    from mergeflow.checks import relative_distance
+
+    if spec.base_check == "off":
+        return {}
+    digests = checkpoint_digests(spec, cache)
+    store = ResultStore(cache)
+    distances = {}
+    with open_checkpoint(spec.base, cache) as base:
+        for t in spec.tasks:
+            key = _content_key("base-distance/1", digests[spec.base], digests[t.checkpoint])
+            record = store.read_json("checks", key)
+            if record is None:
+                with open_checkpoint(t.checkpoint, cache) as tuned:
+                    record = {"distance": relative_distance(base, tuned)}
+                store.write_json("checks", key, record)
+            distances[t.name] = record["distance"]
+    far = {name: d for name, d in distances.items() if d > spec.max_base_distance}
+    for name, distance in far.items():
+        task = next(t for t in spec.tasks if t.name == name)
+        message = (
+            f"task {name!r}: {task.checkpoint} lies {distance:.3f} (relative L2) from the base "
+            f"{spec.base}, beyond max_base_distance {spec.max_base_distance}: it was probably "
+            "not fine-tuned from this base"
+        )
+        if spec.base_check == "refuse":
+            raise ParameterError(message + " (set base_check: warn to merge it anyway)")
+        log.warning(message)
+    return distances
+
+
 def factors_key(spec: MergeSpec, cache: CheckpointCache) -> str:
     digests = checkpoint_digests(spec, cache)
     max_ratio = max(spec.grid.rank_ratios)
@@ -341,6 +375,24 @@ def candidate_key(
     return _content_key("model/1", method, parsed.model_dump(mode="json"), inputs)
 
 
+def merged_weights(
+    spec: MergeSpec, cache: CheckpointCache, candidate: dict, factors_path: str | None = None
+) -> tuple[str, str]:
+    """The candidate's merged weights, kept in the result store before anything is sent to
+    the registry (so a registry that is down loses nothing): (store URI, local path)."""
+    store = ResultStore(cache)
+    name = f"{candidate_key(spec, cache, candidate, factors_path)}.safetensors"
+
+    def build(uri: str) -> None:
+        state = candidate_state(spec, cache, candidate, factors_path)
+        params = json.dumps(candidate.get("params", {}), sort_keys=True)
+        save_state_dict(
+            state, uri, {"mergeflow.method": candidate["method"], "mergeflow.params": params}
+        )
+
+    return store.uri("models", name), store.file("models", name, build)
+
+
 def registration_key(name: str, model_key: str) -> str:
     """What makes registering idempotent: one registry version per (name, model)."""
     return _content_key("registration/1", name, model_key)
@@ -434,9 +486,12 @@ def registered_model_scores(
     import mlflow
 
     model = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
-    if model.config != spec.model:
+    # versions logged before the model kept its config name do not say; their forward pass
+    # fails on images of the wrong size instead
+    config = getattr(model, "config", spec.model)
+    if config != spec.model:
         raise ParameterError(
-            f"{model_uri} is a {model.config} model; the spec's tasks are prepared for {spec.model}"
+            f"{model_uri} is a {config} model; the spec's tasks are prepared for {spec.model}"
         )
     context = evaluation_context(spec, cache)
     missing = [t.name for t in context.tasks if t.name not in model.heads]

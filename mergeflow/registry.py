@@ -56,8 +56,10 @@ def current_champion(client, name: str):
 
     try:
         return client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
-        return None
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
 
 
 def resolve_version(name: str, reference: str, missing_ok: bool = False) -> str | None:
@@ -71,6 +73,8 @@ def resolve_version(name: str, reference: str, missing_ok: bool = False) -> str 
             return str(client.get_model_version(name, reference).version)
         return str(client.get_model_version_by_alias(name, reference).version)
     except MlflowException as exc:
+        if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise  # the registry failed to answer: not the same as "there is none"
         if missing_ok:
             return None
         raise LookupError(f"registered model {name!r} has no version {reference!r}") from exc
@@ -82,8 +86,10 @@ def find_version(client, name: str, registration_key: str):
 
     try:
         versions = client.search_model_versions(f"name='{name}'")
-    except MlflowException:
-        return None
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
     for version in versions:
         if version.tags.get(REGISTRATION_KEY_TAG) == registration_key:
             return version
@@ -204,13 +210,25 @@ def _move_aliases(client, name: str, version, score: float, report_data: str, re
     if champion.tags.get(REPORT_DATA_TAG) == report_data and SCORE_TAG in champion.tags:
         champion_score = float(champion.tags[SCORE_TAG])
     elif rescore is not None:
-        champion_score = rescore(f"models:/{name}/{champion.version}")
-        log.info(
-            "champion %s of %s was scored on other data; on this run's: %.4f",
-            champion.version,
-            name,
-            champion_score,
-        )
+        try:
+            champion_score = rescore(f"models:/{name}/{champion.version}")
+        except Exception as exc:  # an unreadable champion is kept, never replaced blindly
+            log.warning(
+                "champion %s of %s was scored on other report data and rescoring it failed "
+                "(%s: %s): it stays champion",
+                champion.version,
+                name,
+                type(exc).__name__,
+                exc,
+            )
+            champion_score = math.inf
+        else:
+            log.info(
+                "champion %s of %s was scored on other data; on this run's: %.4f",
+                champion.version,
+                name,
+                champion_score,
+            )
     else:
         log.warning(
             "champion %s of %s was scored on other report data and cannot be rescored here: "

@@ -249,6 +249,17 @@ class MergeSpec(_Frozen):
         "prefixes (e.g. s3://models/); anything else, local paths included, is refused",
     )
     batch_size: int = Field(256, gt=0, description="evaluation batch size")
+    base_check: Literal["refuse", "warn", "off"] = Field(
+        "refuse",
+        description="what to do when a fine-tuned checkpoint lies farther from the base than "
+        "max_base_distance (it was probably not fine-tuned from this base)",
+    )
+    max_base_distance: float = Field(
+        0.5,
+        gt=0.0,
+        description="largest ‖θ_t − θ₀‖ / ‖θ₀‖ over floating tensors accepted as fine-tuned "
+        "from the base (fine-tuning moves weights a few percent; another init moves ~140%)",
+    )
 
     @field_validator("baselines", mode="before")
     @classmethod
@@ -318,10 +329,12 @@ class MergeSpec(_Frozen):
         names = [t.name for t in self.tasks]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
-            raise ValueError(f"task names must be distinct: {', '.join(dupes)} repeated")
+            repeated = ", ".join(repr(n) for n in dupes)
+            raise ValueError(f"tasks: task names must be distinct: {repeated} more than once")
         checkpoints = [t.checkpoint for t in self.tasks]
         if len(set(checkpoints)) != len(checkpoints):
-            raise ValueError("two tasks name the same checkpoint")
+            twice = next(c for c in checkpoints if checkpoints.count(c) > 1)
+            raise ValueError(f"tasks: two tasks name the same checkpoint {twice}")
         return self
 
     @classmethod

@@ -11,9 +11,23 @@ from pathlib import Path
 from prefect import task
 
 from mergeflow import pipeline
+from mergeflow.errors import RegistrationError
 from mergeflow.evaluation import REPORT, SELECTION
 from mergeflow.spec import MergeSpec
 from mergeflow.storage import CheckpointCache
+
+
+def retry_on_connection_error(task, task_run, state) -> bool:
+    """Retry what failed on the network (the tracking server, the object store), never an
+    error in the data or the math."""
+    exc = state.data
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    text = f"{type(exc).__name__}: {exc}"
+    return any(
+        mark in text
+        for mark in ("Connection", "Max retries exceeded", "Timeout", "503", "502", "504")
+    )
 
 
 def _cache(cache_dir: str | None) -> CheckpointCache:
@@ -29,6 +43,13 @@ def prepare_evaluation(spec: MergeSpec, cache_dir: str | None = None) -> dict:
     return {
         t.name: {split: len(data.labels) for split, data in t.splits.items()} for t in context.tasks
     }
+
+
+@task(name="check bases", task_run_name="check the bases of {spec.registered_model}")
+def check_bases(spec: MergeSpec, cache_dir: str | None = None) -> dict[str, float]:
+    """Each task's relative distance from the base; refuses (or warns about) a checkpoint
+    that was not fine-tuned from it, before any merge."""
+    return pipeline.check_bases(spec, _cache(cache_dir))
 
 
 @task(name="factorize", task_run_name="factorize {spec.registered_model}", tags=["gpu"])
@@ -110,6 +131,7 @@ def _rescore(spec: MergeSpec, cache: CheckpointCache):
     task_run_name="register {spec.registered_model}",
     retries=2,
     retry_delay_seconds=[5, 30],
+    retry_condition_fn=retry_on_connection_error,
 )
 def register_winner(
     spec: MergeSpec,
@@ -122,26 +144,36 @@ def register_winner(
     cache_dir: str | None = None,
 ) -> dict:
     """Log the grid, the comparison and the charts to MLflow and register the winner, once
-    per model: a retry or a re-run that finds this model registered makes no new version."""
+    per model: a retry or a re-run that finds this model registered makes no new version.
+    The winner's weights are written to the result store first; if the registry cannot be
+    reached, the error says where they are."""
+    from mergeflow.checkpoints import load_state_dict
     from mergeflow.tracking import record_run
 
     cache = _cache(cache_dir)
     model_key = pipeline.candidate_key(spec, cache, best, factors_path)
+    weights_uri, weights_path = pipeline.merged_weights(spec, cache, best, factors_path)
     heads, classes = pipeline.heads_and_classes(spec, cache)
-    return record_run(
-        spec,
-        lambda: pipeline.candidate_state(spec, cache, best, factors_path),
-        heads,
-        classes,
-        best,
-        grid,
-        comparison,
-        lineage,
-        registration_key=pipeline.registration_key(spec.registered_model, model_key),
-        report_data=pipeline.report_digest(spec, cache),
-        rescore=_rescore(spec, cache),
-        charts=charts,
-    )
+    try:
+        return record_run(
+            spec,
+            lambda: load_state_dict(weights_path),
+            heads,
+            classes,
+            best,
+            grid,
+            comparison,
+            lineage,
+            registration_key=pipeline.registration_key(spec.registered_model, model_key),
+            report_data=pipeline.report_digest(spec, cache),
+            rescore=_rescore(spec, cache),
+            charts=charts,
+        )
+    except Exception as exc:
+        raise RegistrationError(
+            f"registering {spec.registered_model} failed ({type(exc).__name__}: {exc}); "
+            f"the merged weights of {best['label']} are kept at {weights_uri}"
+        ) from exc
 
 
 @task(
@@ -149,6 +181,7 @@ def register_winner(
     task_run_name="register {spec.registered_model}-indexed",
     retries=2,
     retry_delay_seconds=[5, 30],
+    retry_condition_fn=retry_on_connection_error,
 )
 def register_index(
     spec: MergeSpec, compression: dict, scores: dict, lineage: dict, cache_dir: str | None = None
@@ -194,7 +227,7 @@ def draw_charts(spec: MergeSpec, grid: list[dict], comparison: dict, folder: str
     task_run_name="score {model_uri} on {split}",
     retries=2,
     retry_delay_seconds=[5, 30],
-    retry_condition_fn=lambda task, run, state: _is_connection_error(state),
+    retry_condition_fn=retry_on_connection_error,
 )
 def score_registered_model(
     spec: MergeSpec, model_uri: str, split: str = REPORT, cache_dir: str | None = None
@@ -203,11 +236,3 @@ def score_registered_model(
     cache = _cache(cache_dir)
     scores = pipeline.registered_model_scores(spec, cache, model_uri, split)
     return pipeline.summary_of(spec, cache, scores, split)
-
-
-def _is_connection_error(state) -> bool:
-    """Retry registry reads that failed on the network, not on a bad model or spec."""
-    exc = state.data
-    if isinstance(exc, (ConnectionError, TimeoutError)):
-        return True
-    return "Connection" in type(exc).__name__ or "Max retries" in str(exc)

@@ -7,11 +7,6 @@ Real parts throughout: moto's S3 server, MLflow on SQLite, Prefect's test API, t
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import mlflow
@@ -192,54 +187,6 @@ def test_result_store_on_s3_is_shared_by_workers_with_empty_caches(
 
 def _factors_path(spec, cache_dir):
     return pipeline.factorize(spec, CheckpointCache(cache_dir))
-
-
-def test_a_killed_run_resumes_and_ends_like_a_clean_run(
-    prefect_harness, zoo_prefix, tracking, tmp_path, monkeypatch
-):
-    from prefect.settings import PREFECT_API_URL
-
-    from flows.merge_pipeline import merge_pipeline
-
-    spec = _spec(zoo_prefix, "killed", rank_ratios=(0.05, 0.1, 0.2, 0.3, 0.5, 1.0))
-    spec_file = tmp_path / "spec.yaml"
-    spec_file.write_text(spec.to_yaml())
-    cache_dir = tmp_path / "cache"
-    store = ResultStore(CheckpointCache(cache_dir))
-    env = {
-        **os.environ,
-        "PREFECT_API_URL": PREFECT_API_URL.value(),
-        "MLFLOW_TRACKING_URI": tracking,
-        "PYTHONPATH": str(ROOT),
-    }
-    run = subprocess.Popen(
-        [sys.executable, "-m", "mergeflow", "run", str(spec_file), "--cache-dir", str(cache_dir)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    # killed once a few grid points are scored: 3 records are the fine-tuned references
-    deadline = time.monotonic() + 300
-    while len(store.records("scores")) < 6 and run.poll() is None:
-        assert time.monotonic() < deadline, "the run scored nothing in 5 minutes"
-        time.sleep(0.02)
-    run.send_signal(signal.SIGKILL)
-    run.wait()
-    assert run.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    kept = len(store.records("scores"))
-    assert kept >= 6
-    assert not mlflow.MlflowClient().search_registered_models()
-
-    with pytest.MonkeyPatch.context() as patch:
-        counter = _Counter(patch)
-        resumed = merge_pipeline(spec, str(cache_dir))
-    with pytest.MonkeyPatch.context() as patch:
-        clean_counter = _Counter(patch)
-        clean = merge_pipeline(spec, str(tmp_path / "clean-cache"))
-    assert _scores_of(resumed) == _scores_of(clean)
-    # the resumed run scored only what the killed one had not: each stored record is one
-    # forward pass the clean run made and the resumed run did not
-    assert counter.calls == clean_counter.calls - kept
 
 
 def test_promote_flow_and_score_model_on_the_registry(

@@ -66,7 +66,7 @@ def _task(i, **changes):
         (_task(1, templates=["no placeholder"]), r"tasks\.1\.templates: .*'\{c\}'"),
         (_task(0, classes=["a", "a"]), r"tasks\.0\.classes: class names must be distinct"),
         (_task(2, name="bad name!"), r"tasks\.2\.name"),
-        (_task(2, name="mnist"), r"task names must be distinct: mnist"),
+        (_task(2, name="mnist"), r"tasks: task names must be distinct: 'mnist'"),
         (spec_dict(tasks=spec_dict()["tasks"][:1]), r"tasks: .*at least 2"),
         (spec_dict(registered_model=None), r"registered_model"),
     ],
