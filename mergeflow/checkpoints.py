@@ -20,6 +20,7 @@ import logging
 import os
 import pickle
 import posixpath
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from pathlib import Path
@@ -267,10 +268,12 @@ def read_torch_file(path: str | os.PathLike, name: str) -> StateDict:
                 raise
             obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy format
     except pickle.UnpicklingError as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        # torch's text suggests weights_only=False; name only what it blocked
+        blocked = re.search(r"unsupported GLOBAL (\S+)|Unsupported global: GLOBAL (\S+)", str(exc))
+        what = f": it would import {next(g for g in blocked.groups() if g)}" if blocked else ""
         raise CheckpointError(
-            f"{name}: refused to load: it holds objects other than tensors "
-            f"(weights_only=True). {first_line}"
+            f"{name}: refused to load: it holds objects other than tensors{what} "
+            "(torch files are read with weights_only=True; no pickled code runs)"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         raise CheckpointError(f"{name}: not a readable torch checkpoint ({exc})") from None

@@ -195,6 +195,22 @@ def register_merged_model(
             REGISTRATION_KEY_TAG: registration_key,
         },
     )
+    # two runs registering one model at once both find none and both register: the lowest
+    # version under the key stays, and a later one removes itself
+    twins = [
+        int(v.version)
+        for v in client.search_model_versions(f"name='{name}'")
+        if v.tags.get(REGISTRATION_KEY_TAG) == registration_key
+    ]
+    if min(twins, default=int(version.version)) < int(version.version):
+        log.info(
+            "%s version %s duplicates version %s; removing it", name, version.version, min(twins)
+        )
+        client.delete_model_version(name, version.version)
+        reused = reuse_version(client, name, registration_key, score, report_data, rescore)
+        if reused is None:
+            raise LookupError(f"{name}: the version registered under this model vanished")
+        return reused
     aliases, previous = _move_aliases(client, name, version, score, report_data, rescore)
     return Registration(name, str(version.version), run_id, aliases, previous)
 

@@ -145,7 +145,8 @@ class TestCheckpointFaults:
         torch.save({"visual.proj": Payload()}, evil)
         paths["task1"] = evil
         code, err = _merge(paths, out, capsys)
-        assert code == 2 and "task1.pt" in err
+        assert code == 2 and "task1.pt" in err and "refused" in err
+        assert "system" in err  # names what the pickle would have imported
         assert not marker.exists()
         assert out.read_bytes() == EARLIER
 

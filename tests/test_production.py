@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _register(name, score, key, data, rescore=None):
+    mlflow.set_experiment("registry-lifecycle")  # not whatever an earlier test left active
     return registry.register_merged_model(
         name=name,
         model_config="mergeflow-tiny-vit",
