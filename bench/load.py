@@ -62,7 +62,11 @@ def main() -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     print(machine_line())
 
+    import logging
+
     from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per S3 request
 
     from mergeflow.zoo.zoo import ZooConfig, build_zoo, upload_zoo, zoo_spec
 
@@ -200,7 +204,7 @@ def main() -> int:
         duplicated = 0
         for name in sorted({name for _, name, _, _ in runs}):
             versions = client.search_model_versions(f"name='{name}'")
-            aliases = {a: v.version for v in versions for a in v.aliases}
+            aliases = client.get_registered_model(name).aliases
             duplicated += len(versions) > 1
             print(f"  {name}: {len(versions)} version(s), aliases {aliases}")
         print(

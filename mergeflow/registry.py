@@ -219,6 +219,8 @@ def _move_aliases(client, name: str, version, score: float, report_data: str, re
     """``champion`` to ``version`` if it beats the champion on the same report data, else
     ``challenger``; returns the aliases given and the previous champion's version."""
     champion = current_champion(client, name)
+    if champion is not None and str(champion.version) == str(version.version):
+        return (CHAMPION,), None  # a concurrent run of the same model settled it already
     if champion is None:
         client.set_registered_model_alias(name, CHAMPION, version.version)
         log.info("version %s of %s is the first champion (%.4f)", version.version, name, score)

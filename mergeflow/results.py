@@ -14,9 +14,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from mergeflow.errors import CheckpointError
 from mergeflow.storage import (
     CheckpointCache,
     atomic_write_bytes,
@@ -52,13 +55,34 @@ class ResultStore:
 
     def file(self, kind: str, name: str, build: Callable[[str], None]) -> str:
         """A local path of the file ``kind/name``: fetched when the store has it, else made
-        by ``build(uri)`` (which must write the file at ``uri`` whole) and then fetched."""
+        by ``build(uri)`` (which must write the file at ``uri`` whole) and then fetched.
+
+        Runs that share the store may make the same file at once. The first one stored
+        wins: a run that finds the file there when its own is made keeps the stored one,
+        and a fetch that loses its object to a concurrent write of the same content key
+        fetches it again."""
         uri = self.uri(kind, name)
         if self._exists(uri):
             log.info("reusing %s", uri)
+        elif self.remote:
+            with tempfile.TemporaryDirectory(prefix="mergeflow-result-") as tmp:
+                staged = str(Path(tmp) / name)
+                build(staged)
+                if self._exists(uri):
+                    log.info("%s was stored meanwhile by another run; using that one", uri)
+                else:
+                    with staged_output(uri) as target:
+                        shutil.copyfile(staged, target)
         else:
             build(uri)
-        return str(self.cache.fetch(uri).path)
+        attempts = 3
+        for attempt in range(1, attempts + 1):
+            try:
+                return str(self.cache.fetch(uri).path)
+            except CheckpointError as exc:
+                if not exc.transient or attempt == attempts:
+                    raise
+                log.warning("fetching %s again: %s", uri, exc)
 
     def has_file(self, kind: str, name: str) -> bool:
         return self._exists(self.uri(kind, name))

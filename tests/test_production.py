@@ -280,3 +280,15 @@ def test_dask_run_equals_the_local_run(prefect_harness, zoo_prefix, tracking, tm
     assert distributed["best"] == local["best"]
     # the same model: the second registration finds the first
     assert distributed["registration"]["reused"] is True
+
+
+def test_concurrent_registrations_of_one_model_keep_one_version(tracking):
+    from concurrent.futures import ThreadPoolExecutor
+
+    mlflow.set_experiment("registry-lifecycle")
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda _: _register("m", 0.5, "k1", "data-1"), range(2)))
+    client = mlflow.MlflowClient()
+    assert len(client.search_model_versions("name='m'")) == 1
+    assert {r.version for r in results} == {"1"}
+    assert client.get_registered_model("m").aliases == {"champion": 1}
