@@ -350,56 +350,71 @@ class TestS3Faults:
             CheckpointCache(tmp_path / "cache").fetch(object_uri)
         assert not list((tmp_path / "cache").rglob("*.safetensors"))
 
-    def test_server_going_away_mid_download(self, bucket, tmp_path, monkeypatch, fresh_s3_clients):
-        """A dedicated S3 server is stopped after the first chunk: the fetch fails as
-        transient (so the task retries), leaves no partial file and no cache entry, and the
-        retry after the server is back gets the whole, verified object."""
+    def test_server_going_away_mid_download(
+        self, prefect_harness, bucket, tmp_path, monkeypatch, fresh_s3_clients
+    ):
+        """The fetch task runs against a dedicated S3 server that is stopped after the
+        first chunk: the attempt fails as transient, leaving no partial file and no cache
+        entry; the task's retry (after the server is back) gets the whole, verified
+        object."""
+        import hashlib
+
+        import boto3
         from conftest import _free_port
         from moto.server import ThreadedMotoServer
 
         import mergeflow.storage as storage
-        from tasks.checkpoints import retry_on_transient_io
+        from tasks.checkpoints import fetch_checkpoint, retry_on_transient_io
 
         port = _free_port()
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-        server.start()
+        servers = [ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)]
+        servers[0].start()
         monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
         uri = f"s3://{bucket}/large.safetensors"
         save_state_dict({"w": torch.randn(1024, 1024)}, uri)  # 4 MiB, shared moto backend
+        stored = boto3.client("s3").get_object(Bucket=bucket, Key="large.safetensors")
+        expected = hashlib.sha256(stored["Body"].read()).hexdigest()
         monkeypatch.setattr(storage, "CHUNK_BYTES", 256 * 1024)
         real_md5 = storage.hashlib.md5
+        downloads = []
 
-        class StopsTheServer:
+        class StopsTheServerOnce:
             def __init__(self):
-                self.digest, self.chunks = real_md5(), 0
+                self.digest, self.first = real_md5(), not downloads
+                downloads.append(self)
 
             def update(self, chunk):
-                self.chunks += 1
-                if self.chunks == 1:
-                    server.stop()
+                if self.first:
+                    self.first = False
+                    servers[-1].stop()
                 self.digest.update(chunk)
 
             def hexdigest(self):
                 return self.digest.hexdigest()
 
-        monkeypatch.setattr(storage.hashlib, "md5", StopsTheServer)
-        cache = CheckpointCache(tmp_path / "cache")
-        with pytest.raises(CheckpointError) as failed:
-            cache.fetch(uri)
-        assert uri in str(failed.value) and failed.value.transient
-        state = type("State", (), {"data": failed.value})()
-        assert retry_on_transient_io(None, None, state)
-        assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+        monkeypatch.setattr(storage.hashlib, "md5", StopsTheServerOnce)
+        cache_dir = tmp_path / "cache"
+        failures, leftovers = [], []
 
-        monkeypatch.setattr(storage.hashlib, "md5", real_md5)
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-        server.start()
+        def restart_then_decide(task, task_run, state):
+            failures.append(state.data)
+            leftovers.extend(p for p in cache_dir.rglob("*") if p.is_file())
+            servers.append(ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False))
+            servers[-1].start()
+            return retry_on_transient_io(task, task_run, state)
+
+        fetch = fetch_checkpoint.with_options(
+            retries=2, retry_delay_seconds=0, retry_condition_fn=restart_then_decide
+        )
         try:
-            copy_ = cache.fetch(uri)
-            assert copy_.size == copy_.path.stat().st_size
-            assert copy_.sha256 == file_sha256(copy_.path)
+            fetched = fetch(uri, str(cache_dir))
         finally:
-            server.stop()
+            servers[-1].stop()
+        assert len(failures) == 1 and len(downloads) == 2  # one failed attempt, one retry
+        assert isinstance(failures[0], CheckpointError) and failures[0].transient
+        assert uri in str(failures[0])
+        assert leftovers == []  # the failed attempt left no partial file and no entry
+        assert fetched["sha256"] == expected == file_sha256(fetched["path"])
 
     def test_cache_entry_whose_digest_no_longer_matches_is_fetched_again(
         self, object_uri, tmp_path
