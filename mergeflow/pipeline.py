@@ -468,10 +468,6 @@ def score_index(
     return scores
 
 
-def score_report(spec: MergeSpec, cache: CheckpointCache, state: StateDict) -> dict[str, float]:
-    return evaluation_context(spec, cache).score(state, REPORT)
-
-
 def report_digest(spec: MergeSpec, cache: CheckpointCache) -> str:
     """Digest of the report data (images, labels, heads of every task): two scores are
     comparable when they were taken on data with one digest."""
