@@ -6,13 +6,12 @@ mergeflow run SPEC.yaml [--dask [ADDRESS]]   (or deploy it: prefect.yaml)
 Every costly step is kept by content in the result store (``$MERGEFLOW_RESULT_STORE``), so a
 re-run of a spec recomputes nothing and a killed run resumes; the grid's and the report's
 scoring fan out over the flow's task runner (threads by default, a Dask cluster with
-``merge_pipeline_on_dask``).
+``flows.dask_pipeline``).
 """
 
 from __future__ import annotations
 
 import math
-import os
 import time
 from pathlib import Path
 
@@ -46,8 +45,6 @@ from tasks.pipeline import (
     score_candidate,
     score_index,
 )
-
-DASK_ADDRESS_VARIABLE = "MERGEFLOW_DASK_ADDRESS"
 
 
 def _pick_best(grid: list[dict]) -> dict:
@@ -169,20 +166,19 @@ def merge_pipeline(
         else:
             future = score_candidate.submit(spec, candidate, SELECTION, factors_path, cache_dir)
         futures[future] = i
-    scores_of = {}
+    summaries = {}
     for future in as_completed(list(futures)):
         i = futures[future]
-        scores_of[i] = future.result()
+        summary = summaries[i] = summarize(future.result(), finetuned_selection)
         progress.step()
-        summary = summarize(scores_of[i], finetuned_selection)
         print(
             f"grid {progress.done}/{len(candidates)}: {candidates[i]['label']} "
             f"mean acc {summary['mean_accuracy']:.3f} normalized {summary['mean_normalized']:.3f}"
         )
-    grid = []
-    for i, candidate in enumerate(candidates):
-        summary = summarize(scores_of[i], finetuned_selection)
-        grid.append({**candidate, **candidate["params"], **summary})
+    grid = [
+        {**candidate, **candidate["params"], **summaries[i]}
+        for i, candidate in enumerate(candidates)
+    ]
     # each family's best point on the selection splits goes to the report; the best of those
     # that are one merged model is registered
     family_best = {name: _pick_best([p for p in grid if p["family"] == name]) for name in families}
@@ -339,41 +335,12 @@ def _report_markdown(
     return "\n".join(lines)
 
 
-def dask_task_runner(address: str | None = None):
-    """A Dask task runner: the scheduler at ``address`` (or ``$MERGEFLOW_DASK_ADDRESS``), else
-    a local cluster of worker processes with one torch thread each."""
-    from prefect_dask import DaskTaskRunner
-
-    address = address or os.environ.get(DASK_ADDRESS_VARIABLE) or None
-    if address:
-        return DaskTaskRunner(address=address)
-    workers = int(os.environ.get("MERGEFLOW_DASK_WORKERS", "2"))
-    return DaskTaskRunner(
-        cluster_kwargs={
-            "n_workers": workers,
-            "threads_per_worker": 1,
-            "processes": True,
-            "dashboard_address": None,
-        }
-    )
-
-
-def on_dask(address: str | None = None):
-    """The merge pipeline with its scoring fanned out over a Dask cluster."""
-    return merge_pipeline.with_options(
-        name="merge-pipeline-dask", task_runner=dask_task_runner(address)
-    )
-
-
-# the deployable form (prefect.yaml, deployment merge-pipeline/dask): the scheduler address
-# comes from $MERGEFLOW_DASK_ADDRESS on the worker, else a local cluster is started
-merge_pipeline_on_dask = on_dask()
-
-
 def run_from_cli(spec_path: str, cache_dir: str | None = None, dask: str | None = None) -> dict:
     """Entry point for ``mergeflow run``: validate the spec file, then run the flow (on Dask
     when ``dask`` is given: ``"local"`` or a scheduler address)."""
     spec = MergeSpec.from_yaml(spec_path)
     if dask:
+        from flows.dask_pipeline import on_dask
+
         return on_dask(None if dask == "local" else dask)(spec, cache_dir)
     return merge_pipeline(spec, cache_dir)

@@ -204,9 +204,9 @@ def _run_score_model(args: argparse.Namespace) -> int:
 
     spec = MergeSpec.from_yaml(args.spec)
     cache = CheckpointCache(args.cache_dir)
-    split = pipeline.REPORT if args.split == "report" else pipeline.SELECTION
-    scores = pipeline.registered_model_scores(spec, cache, args.model, split)
-    summary = pipeline.summary_of(spec, cache, scores, split)
+    # the choices are the evaluation's split roles themselves ("report", "selection")
+    scores = pipeline.registered_model_scores(spec, cache, args.model, args.split)
+    summary = pipeline.summary_of(spec, cache, scores, args.split)
     for task, acc in scores.items():
         normalized = summary["normalized"][task]
         print(f"{task:20s} accuracy {acc:.4f}  normalized {normalized:.4f}")

@@ -1,4 +1,5 @@
-"""Tasks that move checkpoints: they retry, because object stores and networks fail."""
+"""Tasks that move checkpoints: they retry, because object stores and networks fail. The
+retry conditions here are the only ones the tasks use: I/O is retried, the math never."""
 
 from __future__ import annotations
 
@@ -12,6 +13,27 @@ def retry_on_transient_io(task, task_run, state) -> bool:
     """Retry dropped connections and truncated downloads, not missing or corrupt files."""
     exc = state.data
     return isinstance(exc, CheckpointError) and exc.transient
+
+
+def retry_on_connection_error(task, task_run, state) -> bool:
+    """Retry what failed on the network (the tracking server, the object store), never an
+    error in the data or the math."""
+    exc = state.data
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    text = f"{type(exc).__name__}: {exc}"
+    return any(
+        mark in text
+        for mark in ("Connection", "Max retries exceeded", "Timeout", "503", "502", "504")
+    )
+
+
+# registry and tracking-server calls: twice more, on connection errors only
+RETRY_ON_SERVER_ERRORS = {
+    "retries": 2,
+    "retry_delay_seconds": [5, 30],
+    "retry_condition_fn": retry_on_connection_error,
+}
 
 
 @task(

@@ -15,19 +15,7 @@ from mergeflow.errors import RegistrationError
 from mergeflow.evaluation import REPORT, SELECTION
 from mergeflow.spec import MergeSpec
 from mergeflow.storage import CheckpointCache
-
-
-def retry_on_connection_error(task, task_run, state) -> bool:
-    """Retry what failed on the network (the tracking server, the object store), never an
-    error in the data or the math."""
-    exc = state.data
-    if isinstance(exc, (ConnectionError, TimeoutError)):
-        return True
-    text = f"{type(exc).__name__}: {exc}"
-    return any(
-        mark in text
-        for mark in ("Connection", "Max retries exceeded", "Timeout", "503", "502", "504")
-    )
+from tasks.checkpoints import RETRY_ON_SERVER_ERRORS
 
 
 def _cache(cache_dir: str | None) -> CheckpointCache:
@@ -129,9 +117,7 @@ def _rescore(spec: MergeSpec, cache: CheckpointCache):
 @task(
     name="register merged model",
     task_run_name="register {spec.registered_model}",
-    retries=2,
-    retry_delay_seconds=[5, 30],
-    retry_condition_fn=retry_on_connection_error,
+    **RETRY_ON_SERVER_ERRORS,
 )
 def register_winner(
     spec: MergeSpec,
@@ -179,9 +165,7 @@ def register_winner(
 @task(
     name="register index",
     task_run_name="register {spec.registered_model}-indexed",
-    retries=2,
-    retry_delay_seconds=[5, 30],
-    retry_condition_fn=retry_on_connection_error,
+    **RETRY_ON_SERVER_ERRORS,
 )
 def register_index(
     spec: MergeSpec, compression: dict, scores: dict, lineage: dict, cache_dir: str | None = None
@@ -225,9 +209,7 @@ def draw_charts(spec: MergeSpec, grid: list[dict], comparison: dict, folder: str
 @task(
     name="score registered model",
     task_run_name="score {model_uri} on {split}",
-    retries=2,
-    retry_delay_seconds=[5, 30],
-    retry_condition_fn=retry_on_connection_error,
+    **RETRY_ON_SERVER_ERRORS,
 )
 def score_registered_model(
     spec: MergeSpec, model_uri: str, split: str = REPORT, cache_dir: str | None = None

@@ -5,15 +5,13 @@ from __future__ import annotations
 from prefect import task
 
 from mergeflow import registry
-from tasks.pipeline import retry_on_connection_error
+from tasks.checkpoints import RETRY_ON_SERVER_ERRORS
 
 
 @task(
     name="resolve version",
     task_run_name="resolve {name}@{reference}",
-    retries=2,
-    retry_delay_seconds=[5, 30],
-    retry_condition_fn=retry_on_connection_error,
+    **RETRY_ON_SERVER_ERRORS,
 )
 def resolve_version(name: str, reference: str, missing_ok: bool = False) -> str | None:
     """The version number an alias (or a number) of ``name`` names."""
@@ -23,9 +21,7 @@ def resolve_version(name: str, reference: str, missing_ok: bool = False) -> str 
 @task(
     name="move champion",
     task_run_name="consider {name} version {version} for champion",
-    retries=2,
-    retry_delay_seconds=[5, 30],
-    retry_condition_fn=retry_on_connection_error,
+    **RETRY_ON_SERVER_ERRORS,
 )
 def move_champion(name: str, version: str, score: float, champion_score: float) -> bool:
     import mlflow

@@ -259,7 +259,8 @@ def test_promote_flow_and_score_model_on_the_registry(
 
 
 def test_dask_run_equals_the_local_run(prefect_harness, zoo_prefix, tracking, tmp_path):
-    from flows.merge_pipeline import merge_pipeline, on_dask
+    from flows.dask_pipeline import on_dask
+    from flows.merge_pipeline import merge_pipeline
 
     spec = _spec(
         zoo_prefix,
