@@ -134,6 +134,19 @@ def zoo(tmp_path_factory):
     return folder, manifest
 
 
+@pytest.fixture(scope="session")
+def demo_zoo():
+    """The demo's own zoo (``ZooConfig`` defaults: 8 tasks) in the folder ``make demo`` uses:
+    reused when it was built there with the same settings, else built there once (about
+    12 minutes on 2 cores; ``make demo`` then reuses it)."""
+    from pathlib import Path
+
+    from mergeflow.zoo.zoo import build_zoo
+
+    folder = Path(__file__).resolve().parent.parent / ".demo" / "zoo"
+    return folder, build_zoo(folder, say=lambda line: None)
+
+
 @pytest.fixture
 def tracking(tmp_path, monkeypatch):
     """MLflow on a fresh SQLite store (with its model registry) for one test."""

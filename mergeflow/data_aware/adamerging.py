@@ -12,6 +12,11 @@ arithmetic); ``cart_adamerging`` weights CART's rank-k centered vectors v_t = SV
 θ_avg) from θ_avg (zero outside CART's selected matrices). Only the image tower's tensors
 take part; the rest are the origin plus the initial λ times the vectors.
 
+With ``diversity`` δ > 0 each task's term becomes mean_x H(p(y|x)) − δ · H(mean_x p(y|x)),
+the information-maximization objective of SHOT (Liang et al., ICML 2020): entropy alone can
+be lowered by predicting one class for every image, and on small models it is (the offline
+zoo's merged models already over-predict a few classes; README, data-aware merging).
+
 With ``select: eata``, each step keeps, per task, the samples that are confident (entropy
 below ``entropy_margin`` · ln C) and not redundant (cosine similarity of their prediction to
 the task's running mean prediction below ``redundancy``), weighted by exp(E₀ − H), in the
@@ -52,6 +57,13 @@ class AdaMergingParams(MethodParams):
     select: Literal["none", "eata"] = Field("none", description="sample selection")
     entropy_margin: float = Field(0.4, gt=0.0, description="EATA: keep H < margin · ln C")
     redundancy: float = Field(0.95, gt=0.0, le=1.0, description="EATA: cosine limit")
+    diversity: float = Field(
+        0.0,
+        ge=0.0,
+        description="δ: weight of the entropy of each batch's mean prediction, maximized "
+        "(keeps a task's predictions from collapsing onto a few classes); 0: AdaMerging's "
+        "entropy alone",
+    )
     seed: int = Field(0, description="seed of the batch order")
 
 
@@ -137,16 +149,19 @@ def adapt(
             merged[name] = fixed[name] + delta
         return merged
 
-    def mean_entropy() -> float:
+    def measure() -> tuple[float, float]:
+        """Mean over tasks of the mean entropy, and of the objective, on all samples."""
+        entropies, objectives = [], []
         with torch.no_grad():
             params_now = tower_params()
-            values = [
-                entropy(image_logits(model, params_now, x, h)).mean().item()
-                for x, h in zip(samples, heads, strict=True)
-            ]
-        return sum(values) / len(values)
+            for x, head in zip(samples, heads, strict=True):
+                logits = image_logits(model, params_now, x, head)
+                entropies.append(entropy(logits).mean().item())
+                diverse = float(_marginal_entropy(logits))
+                objectives.append(entropies[-1] - params.diversity * diverse)
+        return sum(entropies) / num_tasks, sum(objectives) / num_tasks
 
-    before = mean_entropy()
+    before, objective_before = measure()
     optimizer = torch.optim.Adam([coefficients], lr=params.lr)
     for _ in range(params.steps):
         optimizer.zero_grad()
@@ -163,10 +178,12 @@ def adapt(
             kept[t] += int((weight > 0).sum())
             if weight.sum() > 0:
                 loss = loss + (weight * h).sum() / weight.sum()
+            if params.diversity:
+                loss = loss - params.diversity * _marginal_entropy(logits)
         if loss.requires_grad:
             loss.backward()
             optimizer.step()
-    after = mean_entropy()
+    after, objective_after = measure()
 
     learned = coefficients.detach().cpu()
     with torch.no_grad():
@@ -188,9 +205,18 @@ def adapt(
         "layers": keys if layers > 1 else ["all"],
         "entropy_before": before,
         "entropy_after": after,
+        "diversity": params.diversity,
+        "objective_before": objective_before,
+        "objective_after": objective_after,
         "samples_kept": {s.name: kept[t] / max(1, seen[t]) for t, s in enumerate(inputs.samples)},
     }
     return MergeOutcome(merged_state, info)
+
+
+def _marginal_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) of the mean softmax prediction over the rows of ``logits`` (N, C)."""
+    mean = torch.softmax(logits, -1).mean(0)
+    return -(mean * mean.clamp_min(1e-12).log()).sum()
 
 
 def _eata_weights(logits, h, params: AdaMergingParams, running: list, task: int):
