@@ -11,6 +11,7 @@ scoring fan out over the flow's task runner (threads by default, a Dask cluster 
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
@@ -38,6 +39,7 @@ from tasks.pipeline import (
     draw_charts,
     evaluate_grid_point,
     factorize_checkpoints,
+    merge_with_data,
     prepare_evaluation,
     read_adaptation,
     register_index,
@@ -85,6 +87,18 @@ def grid_candidates(spec: MergeSpec) -> tuple[dict[str, list[dict]], list[dict]]
         families[name] = [point.candidate() for point in family.points()]
     candidates = [{**c, "family": name} for name, points in families.items() for c in points]
     return families, candidates
+
+
+def data_aware_candidates(spec: MergeSpec) -> list[dict]:
+    """The spec's candidates that read samples (grid points and baselines), each once."""
+    _, candidates = grid_candidates(spec)
+    chosen = [c for c in candidates if is_data_aware(c["method"])]
+    chosen += [b.candidate() for b in spec.baseline_methods() if is_data_aware(b.method)]
+    unique = {}
+    for candidate in chosen:
+        recipe = json.dumps([candidate["method"], candidate["params"]], sort_keys=True)
+        unique.setdefault(recipe, candidate)
+    return list(unique.values())
 
 
 def _lineage(spec: MergeSpec, fetched: list[dict]) -> dict[str, str]:
@@ -151,6 +165,8 @@ def merge_pipeline(
     if gpu_deployment:
         _run_gpu_part(gpu_deployment, spec)
     factors_path = factorize_checkpoints(spec, cache_dir)
+    # the data-aware merges start now, beside the grid; what scores them waits for them
+    adapted = [merge_with_data.submit(spec, c, cache_dir) for c in data_aware_candidates(spec)]
     families, candidates = grid_candidates(spec)
     key = _artifact_key(spec.registered_model)
     progress = _Progress(
@@ -164,7 +180,14 @@ def merge_pipeline(
                 spec, factors_path, params["rank_ratio"], params["scale"], cache_dir
             )
         else:
-            future = score_candidate.submit(spec, candidate, SELECTION, factors_path, cache_dir)
+            future = score_candidate.submit(
+                spec,
+                candidate,
+                SELECTION,
+                factors_path,
+                cache_dir,
+                wait_for=adapted if is_data_aware(candidate["method"]) else None,
+            )
         futures[future] = i
     summaries = {}
     for future in as_completed(list(futures)):
@@ -200,7 +223,10 @@ def merge_pipeline(
                 spec, reference_candidate, REPORT, cache_dir=cache_dir
             )
     for name, candidate in report.items():
-        pending[name] = score_candidate.submit(spec, candidate, REPORT, factors_path, cache_dir)
+        waits = adapted if is_data_aware(candidate["method"]) else None
+        pending[name] = score_candidate.submit(
+            spec, candidate, REPORT, factors_path, cache_dir, wait_for=waits
+        )
     report_scores = {name: future.result() for name, future in pending.items()}
     compression = None
     if spec.compression is not None:
@@ -285,7 +311,8 @@ def merge_pipeline(
 
 
 def _run_gpu_part(name: str, spec: MergeSpec) -> None:
-    """Run the factorization as deployment ``name`` (on the GPU pool) and wait for it."""
+    """Run the GPU part (factors, data-aware merges, index) as deployment ``name`` (on the
+    GPU pool) and wait for it."""
     from prefect.deployments import run_deployment
 
     run = run_deployment(name, parameters={"spec": spec.model_dump(mode="json")}, as_subflow=True)

@@ -7,11 +7,11 @@ from __future__ import annotations
 import yaml
 from prefect import flow, get_run_logger
 
-from flows.merge_pipeline import merge_pipeline
+from flows.merge_pipeline import data_aware_candidates, merge_pipeline
 from mergeflow.errors import ParameterError
 from mergeflow.spec import MergeSpec
 from mergeflow.storage import filesystem
-from tasks.pipeline import compress_checkpoints, factorize_checkpoints
+from tasks.pipeline import compress_checkpoints, factorize_checkpoints, merge_with_data
 
 SPEC_VARIABLE = "mergeflow-nightly-spec"
 
@@ -61,13 +61,15 @@ def factorize_on_gpu(
     spec: MergeSpec,
     cache_dir: str | None = None,
 ) -> dict:
-    """The pipeline's GPU part (CART factors, and the CART index if the spec asks for one),
-    written to the shared result store where the pipeline's own steps then find them.
+    """The pipeline's GPU part (CART factors, the data-aware merges, and the CART index if
+    the spec asks for one), written to the shared result store where the pipeline's own
+    steps then find them.
 
     Args:
         spec: the spec whose checkpoints to factorize.
         cache_dir: local cache folder.
     """
     factors = factorize_checkpoints(spec, cache_dir)
+    adapted = [merge_with_data(spec, c, cache_dir) for c in data_aware_candidates(spec)]
     index = compress_checkpoints(spec, cache_dir) if spec.compression else None
-    return {"factors": factors, "index": index["path"] if index else None}
+    return {"factors": factors, "adapted": adapted, "index": index["path"] if index else None}

@@ -217,6 +217,14 @@ def data_aware_path(spec: MergeSpec, cache: CheckpointCache, candidate: dict) ->
     )
 
 
+def data_aware_uri(spec: MergeSpec, cache: CheckpointCache, candidate: dict) -> str:
+    """Where the result store keeps a data-aware candidate's merged weights (run first if
+    they are not there yet)."""
+    data_aware_path(spec, cache, candidate)
+    key = _data_aware_key(spec, cache, candidate)
+    return ResultStore(cache).uri("adapted", f"{key}.safetensors")
+
+
 def _run_data_aware(spec: MergeSpec, cache: CheckpointCache, candidate: dict, uri: str) -> None:
     method = find_method(candidate["method"])
     params = method.parse_params(candidate.get("params", {}))

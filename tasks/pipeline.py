@@ -74,6 +74,15 @@ def score_candidate(
     return pipeline.score_candidate(spec, _cache(cache_dir), candidate, split, factors_path)
 
 
+@task(name="merge with data", task_run_name="adapt {candidate[label]}", tags=["gpu"])
+def merge_with_data(spec: MergeSpec, candidate: dict, cache_dir: str | None = None) -> str:
+    """Run a data-aware method (AdaMerging, CART + AdaMerging, Fisher, RegMean) once per
+    checkpoints, params and samples; returns the URI of its merged weights in the result
+    store. On the GPU when there is one: the adaptation's forward and backward passes are
+    the costly part of these methods."""
+    return pipeline.data_aware_uri(spec, _cache(cache_dir), candidate)
+
+
 @task(name="read adaptation", task_run_name="read what {candidate[label]} learned")
 def read_adaptation(spec: MergeSpec, candidate: dict, cache_dir: str | None = None) -> dict:
     """Coefficients, entropies and sample counts of a data-aware candidate (from its file)."""

@@ -186,6 +186,44 @@ def test_result_store_on_s3_is_shared_by_workers_with_empty_caches(
     assert second["registration"]["reused"] is True
 
 
+def test_gpu_part_leaves_the_data_aware_merges_to_the_pipeline(
+    prefect_harness, zoo_prefix, tracking, tmp_path, monkeypatch
+):
+    """What the GPU deployment runs (factors, every data-aware merge: baselines and family
+    points) is in the shared store; the pipeline on another worker then redoes none of it."""
+    from flows.merge_pipeline import merge_pipeline
+    from flows.scheduled import factorize_on_gpu
+    from mergeflow.cart_grid import CartFactors
+
+    monkeypatch.setenv(STORE_VARIABLE, "s3://mf-production/gpu-part")
+    quick = {"steps": 2, "samples": 8, "batch_size": 4}
+    spec = _spec(
+        zoo_prefix,
+        "gpu-part",
+        baselines=["average", "finetuned", {"method": "fisher", "params": {"samples": 8}}],
+        families=[{"method": "adamerging", "params": quick, "search": {"init": [0.2, 0.4]}}],
+    )
+    gpu = factorize_on_gpu(spec, str(tmp_path / "gpu-worker"))
+    assert len(gpu["adapted"]) == 3
+    store = ResultStore(CheckpointCache(tmp_path / "cpu-worker"))
+    for uri in gpu["adapted"]:
+        assert uri.startswith("s3://mf-production/gpu-part/adapted/")
+        assert store.has_file("adapted", uri.rsplit("/", 1)[1])
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the pipeline redid the GPU part")
+
+    monkeypatch.setattr(CartFactors, "factorize", must_not_run)
+    monkeypatch.setattr(pipeline, "_run_data_aware", must_not_run)
+    result = merge_pipeline(spec, str(tmp_path / "cpu-worker"))
+    adamerging_points = [p for p in result["grid"] if p["method"] == "adamerging"]
+    assert len(adamerging_points) == 2
+    kinds = {s["kind"] for s in result["comparison"].values()}
+    assert "data-aware" in kinds
+    fisher = next(s for name, s in result["comparison"].items() if name.startswith("fisher"))
+    assert fisher["kind"] == "data-aware" and fisher["adaptation"]["fisher_mass"]
+
+
 def _factors_path(spec, cache_dir):
     return pipeline.factorize(spec, CheckpointCache(cache_dir))
 
