@@ -208,21 +208,14 @@ def _data_aware_key(spec: MergeSpec, cache: CheckpointCache, candidate: dict) ->
     )
 
 
-def data_aware_path(spec: MergeSpec, cache: CheckpointCache, candidate: dict) -> str:
+def data_aware_weights(spec: MergeSpec, cache: CheckpointCache, candidate: dict) -> tuple[str, str]:
     """Run a data-aware method once per (checkpoints, method, params, samples) and keep its
-    merged weights, with what it learned in the file's metadata, in the result store."""
-    key = _data_aware_key(spec, cache, candidate)
-    return ResultStore(cache).file(
-        "adapted", f"{key}.safetensors", lambda uri: _run_data_aware(spec, cache, candidate, uri)
-    )
-
-
-def data_aware_uri(spec: MergeSpec, cache: CheckpointCache, candidate: dict) -> str:
-    """Where the result store keeps a data-aware candidate's merged weights (run first if
-    they are not there yet)."""
-    data_aware_path(spec, cache, candidate)
-    key = _data_aware_key(spec, cache, candidate)
-    return ResultStore(cache).uri("adapted", f"{key}.safetensors")
+    merged weights, with what it learned in the file's metadata, in the result store:
+    (store URI, local path)."""
+    store = ResultStore(cache)
+    name = f"{_data_aware_key(spec, cache, candidate)}.safetensors"
+    path = store.file("adapted", name, lambda uri: _run_data_aware(spec, cache, candidate, uri))
+    return store.uri("adapted", name), path
 
 
 def _run_data_aware(spec: MergeSpec, cache: CheckpointCache, candidate: dict, uri: str) -> None:
@@ -252,7 +245,8 @@ def _run_data_aware(spec: MergeSpec, cache: CheckpointCache, candidate: dict, ur
 
 def adaptation_info(spec: MergeSpec, cache: CheckpointCache, candidate: dict) -> dict:
     """What a data-aware candidate learned (coefficients, entropies, ...), from its file."""
-    with open_checkpoint(data_aware_path(spec, cache, candidate)) as reader:
+    _, path = data_aware_weights(spec, cache, candidate)
+    with open_checkpoint(path) as reader:
         return json.loads(reader.metadata().get("mergeflow.info", "{}"))
 
 
@@ -293,7 +287,7 @@ def candidate_state(
     if method == "finetuned":
         return load_state_dict(next(t.checkpoint for t in spec.tasks if t.name == task), cache)
     if is_data_aware(method):
-        return load_state_dict(data_aware_path(spec, cache, candidate))
+        return load_state_dict(data_aware_weights(spec, cache, candidate)[1])
     if method == "cart" and factors_path is not None and set(params) <= {"rank_ratio", "scale"}:
         return grid_point_state(
             factors_path, params.get("rank_ratio", 0.12), params.get("scale", 1.0), spec.device

@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 CHAMPION, CHALLENGER = "champion", "challenger"
 SCORE_TAG = "mergeflow.score"
 REPORT_DATA_TAG = "mergeflow.report_data"
+# the registry's answers that mean "there is no such model, version or alias"; any other
+# error (the server down, a timeout) is not an answer and is raised
+NOT_FOUND = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
 REGISTRATION_KEY_TAG = "mergeflow.registration_key"
 # MLflow "models from code": the model is this file, not a pickle, so loading runs no
 # pickled code.
@@ -57,7 +60,7 @@ def current_champion(client, name: str):
     try:
         return client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException as exc:
-        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+        if exc.error_code in NOT_FOUND:
             return None
         raise
 
@@ -73,8 +76,8 @@ def resolve_version(name: str, reference: str, missing_ok: bool = False) -> str 
             return str(client.get_model_version(name, reference).version)
         return str(client.get_model_version_by_alias(name, reference).version)
     except MlflowException as exc:
-        if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-            raise  # the registry failed to answer: not the same as "there is none"
+        if exc.error_code not in NOT_FOUND:
+            raise
         if missing_ok:
             return None
         raise LookupError(f"registered model {name!r} has no version {reference!r}") from exc

@@ -80,7 +80,8 @@ def merge_with_data(spec: MergeSpec, candidate: dict, cache_dir: str | None = No
     checkpoints, params and samples; returns the URI of its merged weights in the result
     store. On the GPU when there is one: the adaptation's forward and backward passes are
     the costly part of these methods."""
-    return pipeline.data_aware_uri(spec, _cache(cache_dir), candidate)
+    uri, _ = pipeline.data_aware_weights(spec, _cache(cache_dir), candidate)
+    return uri
 
 
 @task(name="read adaptation", task_run_name="read what {candidate[label]} learned")
