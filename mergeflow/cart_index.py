@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from mergeflow.checkpoints import (
     CheckpointReader,
     load_for_compute,
-    open_checkpoint,
+    open_checkpoints,
     read_formatted,
     save_state_dict,
 )
@@ -187,14 +187,13 @@ def compress_files(
     device: str | None = "auto",
     cache: CheckpointCache | None = None,
     progress: bool = False,
+    base: str | os.PathLike | None = None,
 ) -> dict:
-    """Build a CART index of ``finetuned`` (paths or URIs), write it to ``out``, and report
-    its size against the checkpoints'."""
+    """Build a CART index of ``finetuned`` (paths or URIs; PEFT adapters read over
+    ``base``), write it to ``out``, and report its size against the checkpoints'."""
     release_large_frees()
     parsed = CART_INDEXED.parse_params({"task": 0, **dict(params)})
-    cache = cache or CheckpointCache()
-    readers = [open_checkpoint(uri, cache) for uri in finetuned]
-    try:
+    with open_checkpoints(finetuned, base, cache or CheckpointCache()) as (_, readers):
         checkpoint_bytes = sum(
             math.prod(shape) * dtype.itemsize
             for r in readers
@@ -209,9 +208,6 @@ def compress_files(
             device=device,
             progress=progress,
         )
-    finally:
-        for reader in readers:
-            reader.close()
     index.save(out)
     return {
         "index_bytes": index.num_bytes(),

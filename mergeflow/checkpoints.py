@@ -2,15 +2,20 @@
 
 Readers give a checkpoint's layout (key → shape, dtype) without loading it and load one
 tensor at a time, so a merge over T checkpoints holds the output plus a few tensors per
-task, never T whole models. Formats, recognised by content rather than by file name:
+task, never T whole models. Where a checkpoint is (a file, a model folder, a hub reference)
+is :mod:`mergeflow.sources`' business; formats are recognised by content, not file name:
 
-- safetensors, read lazily through ``safe_open``;
-- sharded safetensors, a ``*.safetensors.index.json`` whose ``weight_map`` names the shards;
+- safetensors, read with positioned reads of one tensor at a time;
+- sharded checkpoints, a ``*.index.json`` whose ``weight_map`` names the shards
+  (safetensors or torch files);
 - torch files, loaded with ``torch.load(weights_only=True)`` (memory-mapped when the file
-  allows it) so no pickled code ever runs; a nested ``state_dict`` entry and ``module.``
-  prefixes (DataParallel) are unwrapped.
+  allows it); a nested ``state_dict`` entry and ``module.`` prefixes (DataParallel) are
+  unwrapped. A whole pickled module (``torch.save(model)``) is read by
+  :mod:`mergeflow.safe_pickle`, which runs none of its code;
+- PEFT LoRA adapters, seen as the whole fine-tuned model base + ΔW (:mod:`mergeflow.lora`).
 
-Everything is written as safetensors.
+The task-vectors papers' ``ImageEncoder`` layout (``model.`` before open_clip's names, text
+tower deleted) is read under open_clip's names. Everything is written as safetensors.
 """
 
 from __future__ import annotations
@@ -22,8 +27,10 @@ import pickle
 import posixpath
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
@@ -31,7 +38,10 @@ from safetensors.torch import save_file
 
 from mergeflow.errors import CheckpointError
 from mergeflow.statedict import Layout, StateDict, layout_of
-from mergeflow.storage import CheckpointCache, LocalCopy, staged_output
+from mergeflow.storage import CheckpointCache, LocalCopy, is_remote, staged_output
+
+if TYPE_CHECKING:
+    from mergeflow.sources import CheckpointSource
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +62,15 @@ SAFETENSORS_DTYPES = {
 
 
 class CheckpointReader(ABC):
-    """Lazy access to one checkpoint. ``name`` (its URI) appears in every error."""
+    """Lazy access to one checkpoint. ``name`` (its URI) appears in every error; ``source``
+    says where its files came from (None for a state dict in memory)."""
 
     name: str
-    sources: tuple[LocalCopy, ...] = ()
+    source: CheckpointSource | None = None
+    files: tuple[LocalCopy, ...] = ()
+    """the local copies its tensors are read from (for remote files: the cache's)"""
+    format: str = "state dict"
+    """what the weights were read from: safetensors, torch, a pickled module, shards, …"""
 
     @abstractmethod
     def layout(self) -> Layout:
@@ -111,6 +126,7 @@ class SafetensorsReader(CheckpointReader):
     the process holds only the tensors its caller keeps."""
 
     MAX_HEADER_BYTES = 100 * 2**20
+    format = "safetensors"
 
     def __init__(self, path: str | os.PathLike, name: str | None = None):
         self.path = Path(path)
@@ -199,31 +215,43 @@ class SafetensorsReader(CheckpointReader):
     __del__ = close
 
 
-class ShardedSafetensorsReader(CheckpointReader):
-    """A ``*.safetensors.index.json`` and the shards its ``weight_map`` names."""
+class ShardedReader(CheckpointReader):
+    """A ``*.index.json`` and the shards (safetensors or torch files) its ``weight_map``
+    names."""
 
     def __init__(self, index: LocalCopy, cache: CheckpointCache):
+        from mergeflow.sources import join, shard_names
+
         self.name = index.uri
-        try:
-            weight_map = json.loads(index.path.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"{self.name}: not a safetensors index ({exc})") from None
-        base = posixpath.dirname(index.uri)
-        self._shards: dict[str, SafetensorsReader] = {}
-        self._shard_of: dict[str, SafetensorsReader] = {}
+        weight_map = json.loads(index.path.read_text())["weight_map"]
+        self.shard_files = sorted(shard_names(index))
+        folder = (
+            posixpath.dirname(index.uri) if is_remote(index.uri) else os.path.dirname(index.uri)
+        )
+        self._shards: dict[str, CheckpointReader] = {}
         copies = [index]
+        for shard_name in self.shard_files:
+            copies.append(cache.fetch(join(folder, shard_name) if folder else shard_name))
+            self._shards[shard_name] = open_file(copies[-1])
+        self.files = tuple(copies)
+        self._shard_of: dict[str, CheckpointReader] = {}
         for key, shard_name in weight_map.items():
-            if shard_name not in self._shards:
-                copy = cache.fetch(posixpath.join(base, shard_name) if base else shard_name)
-                copies.append(copy)
-                self._shards[shard_name] = SafetensorsReader(copy.path, copy.uri)
             shard = self._shards[shard_name]
             if key not in shard.layout():
                 raise CheckpointError(
                     f"{self.name}: {key!r} is mapped to {shard_name}, which lacks it"
                 )
             self._shard_of[key] = shard
-        self.sources = tuple(copies)
+        for shard_name, shard in self._shards.items():
+            unmapped = [k for k in shard.layout() if k not in weight_map]
+            if unmapped:
+                raise CheckpointError(
+                    f"{self.name}: {shard_name} holds {unmapped[0]!r}, which the index does "
+                    "not map (a stale or mixed-up shard)"
+                )
+
+        kinds = sorted({shard.format for shard in self._shards.values()})
+        self.format = f"sharded {'/'.join(kinds)} ({len(self._shards)} shards)"
 
     def layout(self) -> Layout:
         return {key: shard.layout()[key] for key, shard in self._shard_of.items()}
@@ -238,6 +266,68 @@ class ShardedSafetensorsReader(CheckpointReader):
             shard.close()
 
 
+class RenamedReader(CheckpointReader):
+    """Another reader's tensors under new names (``names``: new name → stored name)."""
+
+    def __init__(self, inner: CheckpointReader, names: Mapping[str, str]):
+        self.inner = inner
+        self.name = inner.name
+        self.format = inner.format
+        self.files = inner.files
+        self._names = dict(names)
+        stored = inner.layout()
+        self._layout = {new: stored[old] for new, old in self._names.items()}
+
+    def layout(self) -> Layout:
+        return dict(self._layout)
+
+    def get(self, key: str) -> torch.Tensor:
+        if key not in self._names:
+            raise self._missing(key)
+        return self.inner.get(self._names[key])
+
+    def metadata(self) -> dict[str, str]:
+        return self.inner.metadata()
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+_TASK_VECTORS_IMAGE_ENCODER = re.compile(
+    r"^model\.visual\.(conv1\.weight|transformer\.resblocks\.)"
+)
+_LORA_FACTOR = re.compile(r"\.lora_(A|B|embedding_A|embedding_B|magnitude_vector)(\.|$)")
+
+
+def _normalized(reader: CheckpointReader) -> CheckpointReader:
+    """Refuse bare LoRA factors; read the task-vectors ``ImageEncoder`` layout (every key
+    under ``model.``) under open_clip's own names, and a transformers CLIP vision tower
+    under the names its ``CLIPModel`` gives it."""
+    keys = reader.keys()
+    factor = next((k for k in keys if _LORA_FACTOR.search(k)), None)
+    if factor is not None:
+        raise CheckpointError(
+            f"{reader.name}: holds LoRA factors ({factor!r}) without the adapter_config.json "
+            "that says how to scale them; give the adapter's folder (merging lora_A and "
+            "lora_B apart would be wrong)"
+        )
+    if (
+        keys
+        and all(k.startswith("model.") for k in keys)
+        and any(_TASK_VECTORS_IMAGE_ENCODER.match(k) for k in keys)
+    ):
+        renamed = RenamedReader(reader, {k.removeprefix("model."): k for k in keys})
+        renamed.format = f"{reader.format}, task-vectors ImageEncoder names (model.*)"
+        return renamed
+    # transformers 5 saves CLIPVisionModel without the vision_model. its CLIPModel has
+    # (transformers 4 and FusionBench's hub checkpoints keep it): one name for both
+    if "pre_layrnorm.weight" in keys and "embeddings.patch_embedding.weight" in keys:
+        renamed = RenamedReader(reader, {f"vision_model.{k}": k for k in keys})
+        renamed.format = f"{reader.format}, a CLIP vision tower read as vision_model.*"
+        return renamed
+    return reader
+
+
 def normalize_state_dict(obj: object, name: str) -> StateDict:
     """Unwrap nested ``state_dict`` entries and strip ``module.`` prefixes; every value must
     be a tensor."""
@@ -248,6 +338,12 @@ def normalize_state_dict(obj: object, name: str) -> StateDict:
     state: StateDict = {}
     for key, value in obj.items():
         if not isinstance(value, torch.Tensor):
+            pickled = getattr(value, "__mergeflow_global__", None)
+            if pickled is not None:
+                raise CheckpointError(
+                    f"{name}: refused: entry {key!r} is a pickled {pickled} object, not a "
+                    "tensor (nothing in it was run)"
+                )
             raise CheckpointError(
                 f"{name}: entry {key!r} is a {type(value).__name__}, not a tensor"
             )
@@ -259,7 +355,17 @@ def normalize_state_dict(obj: object, name: str) -> StateDict:
 
 
 def read_torch_file(path: str | os.PathLike, name: str) -> StateDict:
-    """A torch checkpoint's state dict, without unpickling anything but tensors and containers."""
+    """A torch checkpoint's state dict, without running pickled code (see
+    :func:`read_torch_file_kind`)."""
+    return read_torch_file_kind(path, name)[0]
+
+
+def read_torch_file_kind(path: str | os.PathLike, name: str) -> tuple[StateDict, str]:
+    """A torch checkpoint's state dict and what it held: tensors and containers through
+    ``weights_only=True`` (``"torch"``); a whole pickled module through
+    :func:`mergeflow.safe_pickle.load_pickled_module`, where every other global is inert
+    (``"pickled module CLASS"``)."""
+    kind = "torch"
     try:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -268,22 +374,22 @@ def read_torch_file(path: str | os.PathLike, name: str) -> StateDict:
                 raise
             obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy format
     except pickle.UnpicklingError as exc:
-        # torch's text suggests weights_only=False; name only what it blocked
         blocked = re.search(r"unsupported GLOBAL (\S+)|Unsupported global: GLOBAL (\S+)", str(exc))
-        what = f": it would import {next(g for g in blocked.groups() if g)}" if blocked else ""
-        raise CheckpointError(
-            f"{name}: refused to load: it holds objects other than tensors{what} "
-            "(torch files are read with weights_only=True; no pickled code runs)"
-        ) from None
+        if blocked is None:
+            raise CheckpointError(f"{name}: not a readable torch checkpoint ({exc})") from None
+        from mergeflow.safe_pickle import load_pickled_module
+
+        obj, held = load_pickled_module(path, name)
+        if held != "dict":
+            kind = f"pickled module {held}"
+            log.info("%s: read the tensors of a pickled %s (none of its code ran)", name, held)
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         raise CheckpointError(f"{name}: not a readable torch checkpoint ({exc})") from None
-    return normalize_state_dict(obj, name)
+    return normalize_state_dict(obj, name), kind
 
 
 def sniff_format(path: Path, name: str) -> str:
-    """``"safetensors"``, ``"torch"`` or ``"index"``, from the file's first bytes."""
-    if path.name.endswith(".index.json"):
-        return "index"
+    """``"safetensors"`` or ``"torch"``, from the file's first bytes."""
     with open(path, "rb") as f:
         head = f.read(9)
     if not head:
@@ -296,26 +402,96 @@ def sniff_format(path: Path, name: str) -> str:
     raise CheckpointError(f"{name}: neither a safetensors nor a torch checkpoint")
 
 
-def open_checkpoint(
-    uri: str | os.PathLike, cache: CheckpointCache | None = None
-) -> CheckpointReader:
-    """A lazy reader for the checkpoint at ``uri`` (local path, ``file://`` or ``s3://``)."""
-    cache = cache or CheckpointCache()
-    copy = cache.fetch(uri)
-    fmt = sniff_format(copy.path, copy.uri)
-    if fmt == "index":
-        return ShardedSafetensorsReader(copy, cache)
-    if fmt == "safetensors":
-        reader: CheckpointReader = SafetensorsReader(copy.path, copy.uri)
-    else:
-        reader = StateDictReader(read_torch_file(copy.path, copy.uri), copy.uri)
-    reader.sources = (copy,)
+def open_file(copy: LocalCopy) -> CheckpointReader:
+    """A reader for one safetensors or torch file."""
+    if sniff_format(copy.path, copy.uri) == "safetensors":
+        return SafetensorsReader(copy.path, copy.uri)
+    state, kind = read_torch_file_kind(copy.path, copy.uri)
+    reader = StateDictReader(state, copy.uri)
+    reader.format = kind
     return reader
 
 
-def load_state_dict(uri: str | os.PathLike, cache: CheckpointCache | None = None) -> StateDict:
-    """Every tensor of the checkpoint at ``uri``."""
-    with open_checkpoint(uri, cache) as reader:
+def open_checkpoint(
+    uri: str | os.PathLike,
+    cache: CheckpointCache | None = None,
+    base: CheckpointReader | None = None,
+) -> CheckpointReader:
+    """A lazy reader for the checkpoint at ``uri``: a file, a model folder (local or
+    ``s3://``) or an ``hf://`` reference (see :mod:`mergeflow.sources`). A PEFT adapter
+    reads as its whole fine-tuned model over ``base``, which it then needs."""
+    from mergeflow.sources import resolve_checkpoint
+
+    cache = cache or CheckpointCache()
+    source = resolve_checkpoint(uri, cache)
+    if source.kind == "lora":
+        from mergeflow.lora import LoraReader, parse_adapter, read_adapter_config
+
+        if base is None:
+            raise CheckpointError(
+                f"{source.uri}: is a LoRA adapter; reading it as a model needs the base model "
+                "it adapts (give --base, or the spec's base)"
+            )
+        config_copy, weights = cache.fetch(source.adapter_config), source.weights_copy(cache)
+        config = read_adapter_config(config_copy.path, source.uri)
+        factors = open_file(weights)
+        reader: CheckpointReader = LoraReader(parse_adapter(config, factors, source.uri), base)
+        reader.files = (config_copy, weights)
+    elif source.kind == "sharded":
+        reader = _normalized(ShardedReader(source.weights_copy(cache), cache))
+    else:
+        copy = source.weights_copy(cache)
+        reader = _normalized(open_file(copy))
+        reader.files = (copy,)
+    if source.folder is not None and source.kind != "lora":
+        # errors name the file the user can find: inside the folder or hub reference given
+        reader.name = f"{source.uri.rstrip('/')}/{os.path.basename(source.weights)}"
+    reader.source = source
+    return reader
+
+
+@contextmanager
+def open_checkpoints(
+    finetuned: Sequence[str | os.PathLike],
+    base: str | os.PathLike | None = None,
+    cache: CheckpointCache | None = None,
+) -> Iterator[tuple[CheckpointReader | None, list[CheckpointReader]]]:
+    """Readers of the base (None without one) and of each fine-tuned checkpoint, closed on
+    exit. PEFT adapters read over the base; adapters of different bases or target modules
+    are refused."""
+    from mergeflow.lora import check_compatible
+
+    cache = cache or CheckpointCache()
+    opened: list[CheckpointReader] = []
+    try:
+        base_reader = open_checkpoint(base, cache) if base is not None else None
+        if base_reader is not None:
+            opened.append(base_reader)
+        readers = []
+        for uri in finetuned:
+            readers.append(open_checkpoint(uri, cache, base=base_reader))
+            opened.append(readers[-1])
+        adapters = lora_adapters(readers)
+        if adapters:
+            check_compatible(adapters)
+        yield base_reader, readers
+    finally:
+        for reader in opened:
+            reader.close()
+
+
+def lora_adapters(readers: Sequence[CheckpointReader]) -> list:
+    """The PEFT adapters among ``readers``."""
+    return [r.adapter for r in readers if hasattr(r, "adapter")]
+
+
+def load_state_dict(
+    uri: str | os.PathLike,
+    cache: CheckpointCache | None = None,
+    base: CheckpointReader | None = None,
+) -> StateDict:
+    """Every tensor of the checkpoint at ``uri`` (an adapter's over ``base``)."""
+    with open_checkpoint(uri, cache, base) as reader:
         return reader.to_state_dict()
 
 

@@ -2,6 +2,7 @@
 
     mergeflow merge --method cart --base BASE --finetuned A B C \\
         --param rank_ratio=0.12 --param scale=1.0 --out OUT
+    mergeflow inspect CKPT
     mergeflow methods
     mergeflow compress --finetuned A B C --tasks a b c --out INDEX
     mergeflow rebuild INDEX --task b --out B
@@ -17,6 +18,7 @@ import sys
 
 from mergeflow import __version__
 from mergeflow.errors import MergeflowError
+from mergeflow.outputs import DEFAULT_SHARD_SIZE
 
 EXIT_BAD_INPUT = 2
 
@@ -50,8 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     merge = commands.add_parser(
         "merge",
         help="merge fine-tuned checkpoints into one",
-        description="Merge fine-tuned checkpoints (safetensors or torch files, local paths "
-        "or s3:// URIs) and write the result as safetensors.",
+        description="Merge fine-tuned checkpoints and write the result. A checkpoint is a "
+        "safetensors or torch file, a sharded checkpoint's *.index.json, a model folder "
+        "(model.safetensors, shards + index, pytorch_model.bin, a PEFT LoRA adapter), local, "
+        "s3:// or hf://ORG/NAME[@REVISION]. --out x.safetensors writes one file; --out DIR "
+        "a model folder (shards, index, config and tokenizer files from the base's folder, "
+        "a model card); --out-format lora --rank R a PEFT adapter of the merged delta.",
     )
     merge.add_argument("--method", required=True, help="merge method (see `mergeflow methods`)")
     merge.add_argument(
@@ -61,7 +67,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     merge.add_argument("--finetuned", required=True, nargs="+", metavar="CKPT")
     _add_param_option(merge, "a method parameter, repeatable (e.g. rank_ratio=0.12, scale=1.0)")
-    merge.add_argument("--out", required=True, help="where to write the merged safetensors")
+    merge.add_argument(
+        "--out", required=True, help="x.safetensors (one file) or a folder (a model folder)"
+    )
+    merge.add_argument(
+        "--out-format",
+        choices=["full", "lora"],
+        default="full",
+        help="full: the merged model (default); lora: a PEFT adapter of the merged delta "
+        "(LoRA inputs only; needs --rank)",
+    )
+    merge.add_argument("--rank", type=int, help="rank of a --out-format lora adapter")
+    merge.add_argument(
+        "--shard-size",
+        default=DEFAULT_SHARD_SIZE,
+        help=f"largest shard of a folder output (default {DEFAULT_SHARD_SIZE}, as transformers)",
+    )
+    merge.add_argument(
+        "--model",
+        help="open_clip config of an open_clip merge, for a folder output's "
+        "open_clip_config.json (default: the base folder's)",
+    )
     merge.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda")
     merge.add_argument(
         "--cache-dir", help="cache for remote checkpoints (default: ~/.cache/mergeflow)"
@@ -70,6 +96,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("methods", help="list the merge methods and their parameters")
 
+    inspect = commands.add_parser(
+        "inspect",
+        help="say what a checkpoint is and how each method would treat its tensors",
+        description="Print a checkpoint's format, detected architecture, dtypes, parameter "
+        "count, shards, LoRA rank and targets, and which tensors each method family would "
+        "low-rank, merge element-wise, or copy.",
+    )
+    inspect.add_argument("checkpoint", help="file, folder, s3:// or hf:// reference")
+    inspect.add_argument("--base", help="the base a LoRA adapter adapts (to see the model)")
+    inspect.add_argument("--json", action="store_true", help="print one JSON document")
+    inspect.add_argument("--cache-dir", help="cache for remote checkpoints")
+
     compress = commands.add_parser(
         "compress",
         help="store T fine-tuned models as θ_avg plus rank-k factors (CART index)",
@@ -77,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
         "task vector, one file from which `mergeflow rebuild` gives back any task's model.",
     )
     compress.add_argument("--finetuned", required=True, nargs="+", metavar="CKPT")
+    compress.add_argument("--base", help="the base model, when the inputs are LoRA adapters")
     compress.add_argument(
         "--tasks", nargs="+", metavar="NAME", help="task names, in checkpoint order"
     )
@@ -162,6 +201,10 @@ def _run_merge(args: argparse.Namespace) -> int:
         device=args.device,
         cache=CheckpointCache(args.cache_dir) if args.cache_dir else None,
         progress=not args.quiet,
+        out_format=args.out_format,
+        shard_size=args.shard_size,
+        rank=args.rank,
+        model_config=args.model,
     )
     shown = [
         k for k, v in report.params.items() if k not in ("include", "exclude") and v is not None
@@ -169,8 +212,25 @@ def _run_merge(args: argparse.Namespace) -> int:
     described = " ".join([report.method] + [f"{k}={report.params[k]}" for k in shown])
     print(
         f"wrote {report.out}: {described} merge of {len(args.finetuned)} checkpoints, "
-        f"{report.num_tensors} tensors, {report.num_bytes / 2**20:.1f} MiB, {report.seconds:.1f} s"
+        f"{report.num_tensors} tensors ({report.counts.describe()}), "
+        f"{report.num_bytes / 2**20:.1f} MiB, {report.seconds:.1f} s"
     )
+    if report.files:
+        print(f"  files: {', '.join(report.files)}")
+    for note in report.notes:
+        print(f"  note: {note}")
+    return 0
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    import json
+
+    from mergeflow.inspection import inspect_checkpoint
+    from mergeflow.storage import CheckpointCache
+
+    cache = CheckpointCache(args.cache_dir) if args.cache_dir else None
+    found = inspect_checkpoint(args.checkpoint, args.base, cache)
+    print(json.dumps(found.to_json(), indent=2) if args.json else found.render())
     return 0
 
 
@@ -245,6 +305,7 @@ def _run_compress(args: argparse.Namespace) -> int:
         device=args.device,
         cache=CheckpointCache(args.cache_dir) if args.cache_dir else None,
         progress=not args.quiet,
+        base=args.base,
     )
     print(
         f"wrote {args.out}: {len(tasks)} tasks in {report['index_bytes'] / 2**20:.1f} MiB, "
@@ -300,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run_compress(args)
         if args.command == "rebuild":
             return _run_rebuild(args)
+        if args.command == "inspect":
+            return _run_inspect(args)
         return _run_methods()
     except MergeflowError as exc:
         print(f"mergeflow {args.command}: error: {exc}", file=sys.stderr)

@@ -33,12 +33,18 @@ class MergedClip(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         from safetensors.torch import load_file
 
-        from mergeflow.models import create_model, image_transform
+        from mergeflow.models import ClipArchitecture, create_model, image_transform
 
         meta = json.loads(Path(context.artifacts["meta"]).read_text())
         self.config = meta["model"]
+        architecture = (
+            ClipArchitecture.from_json(meta["architecture"]) if "architecture" in meta else None
+        )
         self.classes = {task: tuple(names) for task, names in meta["classes"].items()}
         self.heads = load_file(context.artifacts["heads"])
+        self.complement = (
+            load_file(context.artifacts["complement"]) if "complement" in context.artifacts else {}
+        )
         self.index = None
         self.loaded_task = None
         if "index" in context.artifacts:
@@ -49,12 +55,15 @@ class MergedClip(mlflow.pyfunc.PythonModel):
             weights = self.index.rebuild(self.loaded_task)
         else:
             weights = load_file(context.artifacts["weights"])
-        self.model = create_model(meta["model"], weights)
+        self.model = create_model(architecture or meta["model"], {**self.complement, **weights})
         self.transform = image_transform(self.model)
 
     def _use_task(self, task: str) -> None:
         if self.index is not None and task != self.loaded_task:
-            self.model.load_state_dict(self.index.rebuild(task))
+            from mergeflow.hf_clip import to_open_clip
+
+            rebuilt = {**self.complement, **self.index.rebuild(task)}
+            self.model.load_state_dict(to_open_clip(rebuilt))
             self.loaded_task = task
 
     def predict(self, context, model_input, params=None):

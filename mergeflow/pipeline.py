@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +26,12 @@ import torch
 
 from mergeflow.cart_grid import FORMAT as FACTORS_FORMAT
 from mergeflow.cart_grid import CartFactors
-from mergeflow.checkpoints import load_state_dict, open_checkpoint, save_state_dict
+from mergeflow.checkpoints import (
+    load_state_dict,
+    open_checkpoint,
+    open_checkpoints,
+    save_state_dict,
+)
 from mergeflow.data_aware import DataAwareInputs, DataAwareMethod, TaskSamples
 from mergeflow.errors import ParameterError
 from mergeflow.evaluation import (
@@ -38,11 +44,13 @@ from mergeflow.evaluation import (
     score_all,
     summarize,
 )
+from mergeflow.hf_clip import from_open_clip, is_hf_clip, to_open_clip
 from mergeflow.memory import release_large_frees
 from mergeflow.merge import merge_readers
 from mergeflow.methods import find_method, get_method
-from mergeflow.models import create_model
+from mergeflow.models import create_model, resolve_model
 from mergeflow.results import ResultStore
+from mergeflow.sources import resolve_checkpoint
 from mergeflow.spec import MergeSpec
 from mergeflow.statedict import StateDict
 from mergeflow.storage import CheckpointCache
@@ -56,28 +64,61 @@ def _content_key(*parts) -> str:
 
 
 def checkpoint_digests(spec: MergeSpec, cache: CheckpointCache) -> dict[str, str]:
-    """sha256 of the base and every task checkpoint, by URI (fetched through the cache)."""
-    uris = [spec.base] + [t.checkpoint for t in spec.tasks]
-    return {uri: cache.fetch(uri).digest() for uri in uris}
+    """sha256 of the base and every task checkpoint, by URI (fetched through the cache; a
+    folder's or adapter's from all its weight files, see :mod:`mergeflow.sources`). An
+    adapter's digest includes the base's: its weights are the base plus its delta."""
+    base = resolve_checkpoint(spec.base, cache).digest(cache)
+    digests = {spec.base: base}
+    for t in spec.tasks:
+        source = resolve_checkpoint(t.checkpoint, cache)
+        digest = source.digest(cache)
+        if source.kind == "lora":
+            digest = _content_key("lora-over/1", digest, base)
+        digests[t.checkpoint] = digest
+    return digests
+
+
+@contextmanager
+def task_readers(spec: MergeSpec, cache: CheckpointCache):
+    """(base reader, the tasks' readers), closed on exit (adapters read over the base)."""
+    with open_checkpoints([t.checkpoint for t in spec.tasks], spec.base, cache) as opened:
+        yield opened
+
+
+def load_task_state(spec: MergeSpec, cache: CheckpointCache, uri: str) -> StateDict:
+    """All tensors of one of the spec's checkpoints (an adapter's over the spec's base)."""
+    if uri == spec.base:
+        return load_state_dict(uri, cache)
+    with open_checkpoint(spec.base, cache) as base:
+        return load_state_dict(uri, cache, base=base)
 
 
 @dataclass
 class EvaluationContext:
-    """What scoring needs that no candidate changes: one model, heads, prepared splits."""
+    """What scoring needs that no candidate changes: one model, heads, prepared splits, and
+    the base's weights (in its own names), which complete a candidate that lacks some."""
 
     spec: MergeSpec
     model: torch.nn.Module
     tasks: list[PreparedTask]
+    base: StateDict = field(default_factory=dict, repr=False)
     # one model object serves every candidate: threads of one process take turns with it
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def complete(self, state: StateDict) -> StateDict:
+        """``state`` plus every base tensor it lacks (a vision-only fine-tune's text tower)."""
+        missing = [k for k in self.base if k not in state]
+        return {**state, **{k: self.base[k] for k in missing}} if missing else state
 
     def score(
         self, state: StateDict, split: str = SELECTION, only: str | None = None
     ) -> dict[str, float]:
-        """Per-task accuracy of ``state`` on ``split`` (of task ``only``, if given)."""
+        """Per-task accuracy of ``state`` (open_clip or transformers CLIP names; missing
+        tensors taken from the base) on ``split`` (of task ``only``, if given)."""
         tasks = [t for t in self.tasks if only in (None, t.name)]
+        weights = to_open_clip(self.complete(state))
         with self.lock:
-            self.model.load_state_dict(state)
+            self.model.load_state_dict(weights)
             return score_all(self.model, tasks, split, self.spec.batch_size, self.spec.device)
 
     def data_digest(self, split: str, only: str | None = None) -> str:
@@ -100,8 +141,31 @@ def _context(spec_json: str, cache_root: str) -> EvaluationContext:
     spec = MergeSpec.model_validate_json(spec_json)
     cache = CheckpointCache(cache_root)
     base = load_state_dict(spec.base, cache)
-    tasks = prepare_tasks(spec.tasks, spec.model, base, cache)
-    return EvaluationContext(spec, create_model(spec.model, base), tasks)
+    architecture = resolve_model(spec.model)
+    check_text_tower(base, spec.base)
+    tasks = prepare_tasks(spec.tasks, architecture, base, cache)
+    return EvaluationContext(spec, create_model(architecture, base), tasks, base)
+
+
+def check_text_tower(base: StateDict, uri: str) -> None:
+    """The zero-shot heads come from the base's text tower: a base without one (the
+    task-vectors papers' ``zeroshot.pt`` deletes it) is refused, saying what to give."""
+    names = to_open_clip(base)
+    missing = [
+        k
+        for k in (
+            "token_embedding.weight",
+            "transformer.resblocks.0.attn.in_proj_weight",
+            "text_projection",
+        )
+        if k not in names
+    ]
+    if missing:
+        raise ParameterError(
+            f"base {uri}: has no text tower (no {missing[0]!r}); the zero-shot heads are "
+            "computed from it: give as base the whole pre-trained CLIP (e.g. open_clip's "
+            "checkpoint of the same model), whose image tower the tasks were fine-tuned from"
+        )
 
 
 def evaluation_context(spec: MergeSpec, cache: CheckpointCache) -> EvaluationContext:
@@ -124,7 +188,7 @@ def check_bases(spec: MergeSpec, cache: CheckpointCache) -> dict[str, float]:
             key = _content_key("base-distance/1", digests[spec.base], digests[t.checkpoint])
             record = store.read_json("checks", key)
             if record is None:
-                with open_checkpoint(t.checkpoint, cache) as tuned:
+                with open_checkpoint(t.checkpoint, cache, base=base) as tuned:
                     record = {"distance": relative_distance(base, tuned)}
                 store.write_json("checks", key, record)
             distances[t.name] = record["distance"]
@@ -155,14 +219,10 @@ def factorize(spec: MergeSpec, cache: CheckpointCache) -> str:
 
     def build(uri: str) -> None:
         release_large_frees()
-        readers = [open_checkpoint(t.checkpoint, cache) for t in spec.tasks]
-        try:
+        with task_readers(spec, cache) as (_, readers):
             factors = CartFactors.factorize(
                 readers, max_rank_ratio=max(spec.grid.rank_ratios), device=spec.device
             )
-        finally:
-            for reader in readers:
-                reader.close()
         factors.save(uri)
 
     store = ResultStore(cache)
@@ -222,24 +282,26 @@ def _run_data_aware(spec: MergeSpec, cache: CheckpointCache, candidate: dict, ur
     method = find_method(candidate["method"])
     params = method.parse_params(candidate.get("params", {}))
     context = evaluation_context(spec, cache)
-    base = load_state_dict(spec.base, cache)
     samples = []
     for t in context.tasks:
         images = t.splits[ADAPTATION].images
         order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
         samples.append(TaskSamples(t.name, images[order], t.head))
+    # the methods run open_clip's model, so they see whole models under open_clip's names
+    finetuned = [load_task_state(spec, cache, t.checkpoint) for t in spec.tasks]
+    native_hf = is_hf_clip(finetuned[0])
     inputs = DataAwareInputs(
-        model=create_model(spec.model, base),
-        base=base,
-        finetuned=[load_state_dict(t.checkpoint, cache) for t in spec.tasks],
+        model=create_model(resolve_model(spec.model), context.base),
+        base=to_open_clip(context.base),
+        finetuned=[to_open_clip(context.complete(state)) for state in finetuned],
         samples=samples,
         device=resolve_device(spec.device),
     )
+    del finetuned
     outcome = method.run(inputs, params)
+    state = from_open_clip(outcome.state) if native_hf else outcome.state
     save_state_dict(
-        outcome.state,
-        uri,
-        {"mergeflow.method": method.name, "mergeflow.info": json.dumps(outcome.info)},
+        state, uri, {"mergeflow.method": method.name, "mergeflow.info": json.dumps(outcome.info)}
     )
 
 
@@ -262,13 +324,8 @@ def merge_state(
         params = {**params, "task": [t.name for t in spec.tasks].index(task)}
     parsed = merge_method.parse_params(params)
     release_large_frees()
-    readers = [open_checkpoint(t.checkpoint, cache) for t in spec.tasks]
-    base = open_checkpoint(spec.base, cache) if merge_method.needs_base(parsed) else None
-    try:
+    with task_readers(spec, cache) as (base, readers):
         return merge_readers(merge_method, readers, base, parsed, device=spec.device)
-    finally:
-        for reader in readers + ([base] if base else []):
-            reader.close()
 
 
 def candidate_state(
@@ -285,14 +342,18 @@ def candidate_state(
     if method == "zeroshot":
         return load_state_dict(spec.base, cache)
     if method == "finetuned":
-        return load_state_dict(next(t.checkpoint for t in spec.tasks if t.name == task), cache)
-    if is_data_aware(method):
-        return load_state_dict(data_aware_weights(spec, cache, candidate)[1])
-    if method == "cart" and factors_path is not None and set(params) <= {"rank_ratio", "scale"}:
-        return grid_point_state(
+        uri = next(t.checkpoint for t in spec.tasks if t.name == task)
+        state = load_task_state(spec, cache, uri)
+    elif is_data_aware(method):
+        state = load_state_dict(data_aware_weights(spec, cache, candidate)[1])
+    elif method == "cart" and factors_path is not None and set(params) <= {"rank_ratio", "scale"}:
+        state = grid_point_state(
             factors_path, params.get("rank_ratio", 0.12), params.get("scale", 1.0), spec.device
         )
-    return merge_state(spec, cache, method, params, task)
+    else:
+        state = merge_state(spec, cache, method, params, task)
+    # a whole model, as the merge of a vision-only fine-tune keeps the base's other tensors
+    return evaluation_context(spec, cache).complete(state)
 
 
 def index_path(spec: MergeSpec, cache: CheckpointCache) -> str:
@@ -310,8 +371,7 @@ def index_path(spec: MergeSpec, cache: CheckpointCache) -> str:
     )
 
     def build(uri: str) -> None:
-        readers = [open_checkpoint(t.checkpoint, cache) for t in spec.tasks]
-        try:
+        with task_readers(spec, cache) as (_, readers):
             index = CartIndex.build(
                 readers,
                 [t.name for t in spec.tasks],
@@ -319,12 +379,16 @@ def index_path(spec: MergeSpec, cache: CheckpointCache) -> str:
                 energy=spec.compression.energy,
                 device=spec.device,
             )
-        finally:
-            for reader in readers:
-                reader.close()
         index.save(uri)
 
     return ResultStore(cache).file("indexes", f"{key}.safetensors", build)
+
+
+def index_complement(spec: MergeSpec, cache: CheckpointCache, path: str) -> StateDict:
+    """The base's tensors that the CART index at ``path`` does not hold (for a vision-only
+    fine-tune: the text tower), which a model rebuilt from it needs."""
+    held = load_index(path).average
+    return {k: v for k, v in evaluation_context(spec, cache).base.items() if k not in held}
 
 
 @functools.lru_cache(maxsize=2)
@@ -337,8 +401,8 @@ def load_index(path: str):
 def checkpoint_bytes(spec: MergeSpec, cache: CheckpointCache) -> int:
     """Bytes of the spec's fine-tuned checkpoints' tensors."""
     total = 0
-    for t in spec.tasks:
-        with open_checkpoint(t.checkpoint, cache) as reader:
+    with task_readers(spec, cache) as (_, readers):
+        for reader in readers:
             total += sum(
                 math.prod(shape) * dtype.itemsize for shape, dtype in reader.layout().values()
             )
@@ -361,20 +425,20 @@ def candidate_key(
         return _content_key("model/1", "zeroshot", digests[spec.base])
     if method == "finetuned":
         uri = next(t.checkpoint for t in spec.tasks if t.name == task)
-        return _content_key("model/1", "finetuned", digests[uri])
+        return _content_key("model/2", "finetuned", digests[uri], digests[spec.base])
     if is_data_aware(method):
         return _content_key("model/1", "data-aware", _data_aware_key(spec, cache, candidate))
     if method == "cart" and factors_path is not None and set(params) <= {"rank_ratio", "scale"}:
         point = (params.get("rank_ratio", 0.12), params.get("scale", 1.0))
-        return _content_key("model/1", "cart-factors", Path(factors_path).stem, point)
+        stem = Path(factors_path).stem
+        return _content_key("model/2", "cart-factors", stem, point, digests[spec.base])
     merge_method = get_method(method)
     if merge_method.per_task:
         params = {**params, "task": [t.name for t in spec.tasks].index(task)}
     parsed = merge_method.parse_params(params)
-    inputs = [digests[t.checkpoint] for t in spec.tasks]
-    if merge_method.needs_base(parsed):
-        inputs.append(digests[spec.base])
-    return _content_key("model/1", method, parsed.model_dump(mode="json"), inputs)
+    # the base always counts: tensors only it holds are carried into every merge
+    inputs = [digests[t.checkpoint] for t in spec.tasks] + [digests[spec.base]]
+    return _content_key("model/2", method, parsed.model_dump(mode="json"), inputs)
 
 
 def merged_weights(

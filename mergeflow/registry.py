@@ -132,13 +132,16 @@ def register_merged_model(
     run_id: str | None = None,
     index_path: str | None = None,
     artifacts: Mapping[str, str] | None = None,
+    complement: Mapping[str, torch.Tensor] | None = None,
 ) -> Registration:
     """Log the merged model in a run (the active one or ``run_id``), register a new version
     of ``name`` with ``tags``, and move the aliases by ``score`` (higher is better).
 
     ``weights`` is the merged state dict (or a function giving it, called only when a new
     version is made); alternatively ``index_path`` names a CART index
-    (:mod:`mergeflow.cart_index`), and the model rebuilds each task's weights from it.
+    (:mod:`mergeflow.cart_index`), and the model rebuilds each task's weights from it;
+    ``complement`` holds the tensors an index lacks (the base's text tower of a vision-only
+    fine-tune), loaded under every rebuilt task.
 
     Idempotent: a version already registered under ``registration_key`` (a digest of what
     the model is made from and scored on) is returned as it is, so a retried task or a
@@ -170,9 +173,21 @@ def register_merged_model(
         else:
             model_artifacts["index"] = str(index_path)
         save_file({k: v.contiguous() for k, v in heads.items()}, model_artifacts["heads"])
-        (tmp / "meta.json").write_text(
-            json.dumps({"model": model_config, "classes": {k: list(v) for k, v in classes.items()}})
-        )
+        if complement:
+            model_artifacts["complement"] = str(tmp / "complement.safetensors")
+            save_file(
+                {k: v.contiguous() for k, v in complement.items()}, model_artifacts["complement"]
+            )
+        from mergeflow.models import resolve_model
+
+        meta = {
+            "model": model_config,
+            # the architecture itself, so a transformers-CLIP model loads where its
+            # config.json is not
+            "architecture": resolve_model(model_config).to_json(),
+            "classes": {k: list(v) for k, v in classes.items()},
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta))
         active = mlflow.active_run()
         reuse = active is not None and run_id in (None, active.info.run_id)
         context = nullcontext(active) if reuse else mlflow.start_run(run_id=run_id)

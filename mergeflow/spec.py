@@ -229,7 +229,11 @@ class GridSpec(_Frozen):
 class MergeSpec(_Frozen):
     """One merge pipeline run."""
 
-    model: str = Field(description="open_clip model config name, e.g. ViT-B-32")
+    model: str = Field(
+        description="the CLIP architecture: an open_clip config name (e.g. ViT-B-32), or a "
+        "transformers CLIP as a folder with its config.json or a hub id (e.g. "
+        "openai/clip-vit-base-patch32)"
+    )
     base: str = Field(description="URI of the pre-trained checkpoint the tasks started from")
     tasks: tuple[TaskSpec, ...] = Field(min_length=2, description="the fine-tuned tasks")
     grid: GridSpec = GridSpec()
@@ -303,10 +307,20 @@ class MergeSpec(_Frozen):
     @field_validator("model")
     @classmethod
     def check_model(cls, model: str) -> str:
-        from mergeflow.models import known_model_configs
+        from pathlib import Path
 
-        if model not in known_model_configs():
-            raise ValueError(f"unknown open_clip model config {model!r}")
+        from mergeflow.models import is_model_reference, resolve_model
+
+        if not is_model_reference(model):
+            raise ValueError(
+                f"unknown model {model!r}: an open_clip config name (see open_clip.list_models), "
+                "a folder with config.json or open_clip_config.json, or a hub id ORG/NAME"
+            )
+        if Path(model).is_dir():  # a local folder is read now; a hub id when the run starts
+            try:
+                resolve_model(model)
+            except ParameterError as exc:
+                raise ValueError(str(exc)) from None
         return model
 
     @model_validator(mode="after")

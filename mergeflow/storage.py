@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import posixpath
 import re
 import tempfile
 from collections.abc import Iterator
@@ -127,13 +128,17 @@ def _remote_info(fs: fsspec.AbstractFileSystem, path: str, uri: str) -> dict:
             transient=not missing_credentials,
         ) from None
     if info.get("type") == "directory":
-        raise CheckpointError(f"{uri}: is a directory, not a file")
+        raise NotAFileError(f"{uri}: is a folder, not a file")
     return info
 
 
 def _etag_of(info: dict) -> str | None:
     etag = info.get("ETag") or info.get("etag")
     return etag.strip('"') if isinstance(etag, str) else None
+
+
+class NotAFileError(CheckpointError):
+    """The URI names a folder (a local directory or an object-store prefix)."""
 
 
 class CheckpointCache:
@@ -147,6 +152,8 @@ class CheckpointCache:
         uri = str(uri)
         if not is_remote(uri):
             path = local_path(uri)
+            if path.is_dir():
+                raise NotAFileError(f"{uri}: is a folder, not a file")
             if not path.is_file():
                 raise CheckpointError(f"{uri}: no such file")
             return LocalCopy(uri=uri, path=path, size=path.stat().st_size)
@@ -164,6 +171,30 @@ class CheckpointCache:
             return LocalCopy(uri, target, cached["size"], etag, cached["sha256"], from_cache=True)
         sha256 = self._download(fs, rpath, uri, info, etag, entry, target)
         return LocalCopy(uri, target, int(info["size"]), etag, sha256, from_cache=False)
+
+    def list_folder(self, uri: str | os.PathLike) -> list[str]:
+        """Names of the files directly inside the folder ``uri`` (local or remote), sorted."""
+        uri = str(uri)
+        if not is_remote(uri):
+            path = local_path(uri)
+            if not path.is_dir():
+                raise CheckpointError(f"{uri}: no such folder")
+            return sorted(p.name for p in path.iterdir() if p.is_file())
+        fs, rpath = filesystem(uri)
+        try:
+            fs.invalidate_cache(rpath)
+            entries = fs.ls(rpath.rstrip("/"), detail=True)
+        except FileNotFoundError:
+            raise CheckpointError(f"{uri}: no such folder") from None
+        except PermissionError as exc:
+            raise CheckpointError(f"{uri}: access denied ({exc})") from None
+        except Exception as exc:
+            raise CheckpointError(
+                f"{uri}: cannot list the folder: {type(exc).__name__}: {exc}", transient=True
+            ) from None
+        return sorted(
+            posixpath.basename(e["name"].rstrip("/")) for e in entries if e.get("type") == "file"
+        )
 
     def _valid_entry(self, entry: Path, target: Path) -> dict | None:
         meta_path = entry / "entry.json"
@@ -230,6 +261,20 @@ class CheckpointCache:
         return meta["sha256"]
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it (Linux), else by setting it back."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to a temporary file beside ``path`` and rename it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -266,6 +311,7 @@ def staged_output(uri: str | os.PathLike) -> Iterator[Path]:
     try:
         yield Path(tmp)
         if not remote:
+            os.chmod(tmp, 0o666 & ~current_umask())  # as open() would have made it
             os.replace(tmp, target)
             return
         fs, rpath = filesystem(uri)

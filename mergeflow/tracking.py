@@ -188,10 +188,11 @@ def record_index(
     registration_key: str,
     report_data: str,
     rescore: Callable[[str], float] | None = None,
+    complement: Mapping[str, torch.Tensor] | None = None,
 ) -> dict:
     """Register the CART index as ``REGISTERED_MODEL-indexed``: one model that rebuilds the
     named task's weights on demand. ``summary``: per-task report accuracy of the rebuilt
-    models against the fine-tuned ones."""
+    models against the fine-tuned ones. ``complement``: the base's tensors the index lacks."""
     import mlflow
 
     assert spec.compression is not None
@@ -218,6 +219,7 @@ def record_index(
             model_config=spec.model,
             weights=None,
             index_path=compression["path"],
+            complement=complement,
             heads=heads,
             classes=classes,
             score=score_of(summary),

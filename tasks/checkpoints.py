@@ -6,6 +6,7 @@ from __future__ import annotations
 from prefect import task
 
 from mergeflow.errors import CheckpointError
+from mergeflow.sources import resolve_checkpoint
 from mergeflow.storage import CheckpointCache
 
 
@@ -44,6 +45,16 @@ RETRY_ON_SERVER_ERRORS = {
     retry_condition_fn=retry_on_transient_io,
 )
 def fetch_checkpoint(uri: str, cache_dir: str | None = None) -> dict:
-    """Fetch ``uri`` into the local cache; returns its local path and digests (small data)."""
-    copy = CheckpointCache(cache_dir).fetch(uri)
-    return {"uri": uri, "path": str(copy.path), "sha256": copy.digest(), "etag": copy.etag}
+    """Fetch every file of the checkpoint at ``uri`` (a file, a model folder, an ``hf://``
+    reference) into the local cache; returns its kind, weights file and digest (small
+    data)."""
+    cache = CheckpointCache(cache_dir)
+    source = resolve_checkpoint(uri, cache)
+    copies = source.weight_files(cache)
+    return {
+        "uri": uri,
+        "kind": source.kind,
+        "path": str(copies[-1].path),
+        "sha256": source.digest(cache),
+        "etag": copies[-1].etag,
+    }

@@ -196,6 +196,7 @@ def register_index(
         registration_key=pipeline.registration_key(name, Path(compression["path"]).stem),
         report_data=pipeline.report_digest(spec, cache),
         rescore=_rescore(spec, cache),
+        complement=pipeline.index_complement(spec, cache, compression["path"]),
     )
 
 

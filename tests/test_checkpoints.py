@@ -123,7 +123,8 @@ def test_sharded_safetensors_index(tower, tmp_path, cache):
     index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     with open_checkpoint(index, cache) as reader:
         assert list(reader.layout()) == keys
-        assert len(reader.sources) == 3
+        assert reader.shard_files == list(shards)
+        assert [c.path.name for c in reader.files] == [index.name, *shards]
     assert_same(load_state_dict(index, cache), tower)
 
 

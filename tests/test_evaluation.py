@@ -132,5 +132,5 @@ def test_create_model_names_what_does_not_fit(model):
     state.pop("visual.proj")
     with pytest.raises(ParameterError, match=r"does not fit .*missing \['visual\.proj'\]"):
         create_model(CONFIG, state)
-    with pytest.raises(ParameterError, match=r"unknown open_clip model config 'ViT-Q-99'"):
+    with pytest.raises(ParameterError, match=r"unknown model 'ViT-Q-99'"):
         create_model("ViT-Q-99")

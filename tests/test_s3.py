@@ -27,7 +27,7 @@ def test_write_then_read_back(tower, bucket, cache):
     assert head["ContentLength"] > 0
     with open_checkpoint(uri, cache) as reader:
         assert reader.metadata()["origin"] == "test"
-        copy = reader.sources[0]
+        copy = reader.files[0]
         assert copy.etag == head["ETag"].strip('"') and not copy.from_cache
         assert len(copy.sha256) == 64
         assert_same(reader.to_state_dict(), tower)

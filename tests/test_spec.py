@@ -43,7 +43,7 @@ def _task(i, **changes):
 @pytest.mark.parametrize(
     "data,field",
     [
-        (spec_dict(model="ViT-Q-99"), r"model: unknown open_clip model config 'ViT-Q-99'"),
+        (spec_dict(model="ViT-Q-99"), r"model: unknown model 'ViT-Q-99'"),
         (spec_dict(grid={"rank_ratios": [0.1, 1.5]}), r"grid\.rank_ratios: rank ratio 1\.5"),
         (spec_dict(grid={"rank_ratios": [0.0]}), r"grid\.rank_ratios: rank ratio 0\.0"),
         (spec_dict(grid={"rank_ratios": []}), r"grid\.rank_ratios"),

@@ -23,22 +23,26 @@ from collections.abc import Sequence
 import torch
 from pydantic import Field, field_validator
 
+from mergeflow.architectures import MATRIX_PATTERNS, is_table, matches
 from mergeflow.methods.base import MergeMethod, MethodParams
 from mergeflow.statedict import mean_of
 from mergeflow.svd import energy_rank, low_rank_sum, rank_for, truncated_svd
 
-DEFAULT_INCLUDE = ("attn", "mlp")
-DEFAULT_EXCLUDE = ("ln", "bias")
-
 
 class LowRankSelection(MethodParams):
-    """Which tensors get the low-rank treatment: 2-D tensors whose name matches at least one
+    """Which tensors get the low-rank treatment: 2-D tensors matching at least one
     ``include`` regex and no ``exclude`` regex (``re.search``; a comma-separated string is
-    accepted from the command line). The defaults pick open_clip's ``attn.in_proj_weight``,
-    ``attn.out_proj.weight``, ``mlp.c_fc.weight`` and ``mlp.c_proj.weight``."""
+    accepted from the command line). Without ``include``, the weight matrices of the
+    checkpoint's architecture (:mod:`mergeflow.architectures`): for open_clip
+    ``attn.in_proj_weight``, ``attn.out_proj.weight``, ``mlp.c_fc.weight``,
+    ``mlp.c_proj.weight``; for Hugging Face models their attention and MLP projections."""
 
-    include: tuple[str, ...] = Field(DEFAULT_INCLUDE, description="regexes a low-rank key matches")
-    exclude: tuple[str, ...] = Field(DEFAULT_EXCLUDE, description="regexes a low-rank key avoids")
+    include: tuple[str, ...] | None = Field(
+        None,
+        description="regexes a low-rank key matches (default: the architecture's attention "
+        "and MLP weight matrices; see `mergeflow inspect`)",
+    )
+    exclude: tuple[str, ...] = Field((), description="regexes a low-rank key avoids")
 
     @field_validator("include", "exclude", mode="before")
     @classmethod
@@ -49,27 +53,45 @@ class LowRankSelection(MethodParams):
 
     @field_validator("include", "exclude")
     @classmethod
-    def check_regexes(cls, patterns: tuple[str, ...]) -> tuple[str, ...]:
-        for pattern in patterns:
+    def check_regexes(cls, patterns: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        for pattern in patterns or ():
             try:
                 re.compile(pattern)
             except re.error as exc:
                 raise ValueError(f"invalid regex {pattern!r}: {exc}") from None
         return patterns
 
+    def by_default(self, key: str) -> bool:
+        """What is selected without ``include``: the architectures' weight matrices."""
+        return matches(key, MATRIX_PATTERNS)
+
     def selects(self, key: str, shape: Sequence[int]) -> bool:
-        return (
-            len(shape) == 2
-            and any(re.search(p, key) for p in self.include)
-            and not any(re.search(p, key) for p in self.exclude)
+        if len(shape) != 2 or matches(key, self.exclude):
+            return False
+        return self.by_default(key) if self.include is None else matches(key, self.include)
+
+    def describe_rule(self) -> str:
+        rule = (
+            "include " + ",".join(self.include) if self.include else "the architecture's matrices"
         )
+        return rule + (f", exclude {','.join(self.exclude)}" if self.exclude else "")
 
 
 class AllMatrices(LowRankSelection):
-    """Every 2-D tensor, as TSV and Iso-C/Iso-CTS treat them in their papers."""
+    """Every 2-D tensor but vocabulary tables, as TSV and Iso-C/Iso-CTS treat them in their
+    papers (their reference code takes every 2-D parameter of a vision tower)."""
 
-    include: tuple[str, ...] = Field((".*",), description="regexes a low-rank key matches")
-    exclude: tuple[str, ...] = Field((), description="regexes a low-rank key avoids")
+    include: tuple[str, ...] | None = Field(
+        None,
+        description="regexes a low-rank key matches (default: every 2-D tensor but "
+        "token embeddings and output heads)",
+    )
+
+    def by_default(self, key: str) -> bool:
+        return not is_table(key)
+
+    def describe_rule(self) -> str:
+        return super().describe_rule().replace("the architecture's matrices", "every matrix")
 
 
 class CartParams(LowRankSelection):
