@@ -129,7 +129,7 @@ def merge_with_counts(
     if low_rank and not any(parsed.selects(k, layout[k][0]) for k in floating):
         raise ParameterError(
             f"method {method.name!r} selects no weight matrix of {finetuned[0].name} "
-            f"({parsed.describe_rule()}; its keys look {describe(layout)}): name the "
+            f"({parsed.describe_rule()}; architecture: {describe(layout)}): name the "
             "matrices with include=REGEX"
         )
 
@@ -246,7 +246,7 @@ def merge_files(
         recipe = Recipe(
             merge_method.name,
             parsed.model_dump(mode="json"),
-            (base_reader.name, base_reader.source.digest(cache))
+            (base_reader.source.uri, base_reader.source.digest(cache))
             if base_reader is not None and base_reader.source is not None
             else None,
             [(r.source.uri, r.source.digest(cache)) for r in readers if r.source is not None],
@@ -316,7 +316,6 @@ def write_model_folder(
                 "no open_clip_config.json written: the base folder has none; pass --model "
                 "CONFIG to describe the architecture"
             )
-            open_clip_config = None
     elif "config.json" not in companions:
         notes.append(f"no config.json copied: {like.name} is not in a model folder")
     return save_model_folder(merged, out, recipe, companions, shard_size, open_clip_config)

@@ -18,7 +18,6 @@ import json
 import logging
 import math
 import threading
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,17 +77,14 @@ def checkpoint_digests(spec: MergeSpec, cache: CheckpointCache) -> dict[str, str
     return digests
 
 
-@contextmanager
 def task_readers(spec: MergeSpec, cache: CheckpointCache):
-    """(base reader, the tasks' readers), closed on exit (adapters read over the base)."""
-    with open_checkpoints([t.checkpoint for t in spec.tasks], spec.base, cache) as opened:
-        yield opened
+    """A context of (base reader, the tasks' readers), closed on exit (adapters read over
+    the base)."""
+    return open_checkpoints([t.checkpoint for t in spec.tasks], spec.base, cache)
 
 
 def load_task_state(spec: MergeSpec, cache: CheckpointCache, uri: str) -> StateDict:
-    """All tensors of one of the spec's checkpoints (an adapter's over the spec's base)."""
-    if uri == spec.base:
-        return load_state_dict(uri, cache)
+    """All tensors of one of the spec's task checkpoints (an adapter's over the base)."""
     with open_checkpoint(spec.base, cache) as base:
         return load_state_dict(uri, cache, base=base)
 
