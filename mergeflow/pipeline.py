@@ -541,9 +541,9 @@ def registered_model_scores(
 ) -> dict[str, float]:
     """Per-task accuracy on ``split`` of a model loaded from the MLflow registry
     (``models:/NAME@champion``, ``models:/NAME/3``), with its own heads and weights."""
-    import mlflow
+    from mergeflow.registry import load_registered_model
 
-    model = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
+    model = load_registered_model(model_uri)
     # versions logged before the model kept its config name do not say; their forward pass
     # fails on images of the wrong size instead
     config = getattr(model, "config", spec.model)

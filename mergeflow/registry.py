@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import tempfile
+import threading
 from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -24,6 +25,20 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger(__name__)
+
+# Logging or loading a model logged as code runs its file with sys.modules["dbutils"] swapped
+# for a mock and put back afterwards, without a lock: two threads of one process doing it at
+# once (the winner's and the index's registrations, a champion's rescoring) can leave the
+# mock in sys.modules for good.
+_LOADING_MODEL_CODE = threading.Lock()
+
+
+def load_registered_model(model_uri: str):
+    """The python model behind ``model_uri`` (``models:/NAME@champion``, ``runs:/...``)."""
+    mlflow = _mlflow()
+    with _LOADING_MODEL_CODE:
+        return mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
+
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 SCORE_TAG = "mergeflow.score"
@@ -196,12 +211,19 @@ def register_merged_model(
             mlflow.log_metrics(dict(metrics))
             for artifact_path, local in (artifacts or {}).items():
                 mlflow.log_artifact(local, str(Path(artifact_path).parent or ""))
-            info = mlflow.pyfunc.log_model(
-                name="merged_model",
-                python_model=str(MODEL_CODE),
-                artifacts=model_artifacts,
-                pip_requirements=["mergeflow", "torch", "open_clip_torch", "safetensors", "pandas"],
-            )
+            with _LOADING_MODEL_CODE:
+                info = mlflow.pyfunc.log_model(
+                    name="merged_model",
+                    python_model=str(MODEL_CODE),
+                    artifacts=model_artifacts,
+                    pip_requirements=[
+                        "mergeflow",
+                        "torch",
+                        "open_clip_torch",
+                        "safetensors",
+                        "pandas",
+                    ],
+                )
             run_id = run.info.run_id
     version = mlflow.register_model(
         info.model_uri,

@@ -103,8 +103,10 @@ _ALLOWED = {
     ("builtins", "set"): set,
     ("builtins", "frozenset"): frozenset,
     ("torch", "Size"): torch.Size,
-    ("torch", "UntypedStorage"): torch.UntypedStorage,
 }
+# (torch's own unpickler resolves typed storage names, FloatStorage & co., to inert markers
+# before asking find_class; a raw UntypedStorage, which a pickle could ask to allocate at any
+# size, stays a stand-in)
 
 
 class StandInUnpickler(pickle.Unpickler):

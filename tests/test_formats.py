@@ -52,6 +52,8 @@ def merge(*args: str) -> tuple[int, str, str]:
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = main(["merge", *args, "-q"])
+    if code != 0:  # bad input: one line, naming what is wrong
+        assert len(err.getvalue().strip().splitlines()) == 1, err.getvalue()
     return code, out.getvalue(), err.getvalue().strip()
 
 
@@ -156,6 +158,41 @@ def test_one_shard_alone_is_refused_naming_its_index(llamas, tmp_path):
         str(tmp_path / "y.safetensors"),
     )
     assert code == 2 and "shard 1 of" in err and "no *.index.json" in err
+
+
+def test_torch_weight_folders_whole_and_sharded_merge_like_safetensors(llamas, tmp_path):
+    folders, states = llamas
+    torch_folders = []
+    for i, state in enumerate(states[1:]):  # pytorch_model.bin, and a sharded .bin index
+        folder = tmp_path / f"bin{i}"
+        folder.mkdir()
+        shutil.copy(folders[1] / "config.json", folder / "config.json")
+        if i == 0:
+            torch.save(state, folder / "pytorch_model.bin")
+        else:
+            keys = list(state)
+            parts = {
+                "pytorch_model-00001-of-00002.bin": keys[:5],
+                "pytorch_model-00002-of-00002.bin": keys[5:],
+            }
+            for name, part in parts.items():
+                torch.save({k: state[k] for k in part}, folder / name)
+            weight_map = {k: name for name, part in parts.items() for k in part}
+            (folder / "pytorch_model.bin.index.json").write_text(
+                json.dumps({"metadata": {}, "weight_map": weight_map})
+            )
+        torch_folders.append(str(folder))
+    out_bin, out_st = tmp_path / "bin.safetensors", tmp_path / "st.safetensors"
+    assert (
+        merge("--method", "average", "--finetuned", *torch_folders, "--out", str(out_bin))[0] == 0
+    )
+    assert (
+        merge("--method", "average", "--finetuned", *map(str, folders[1:]), "--out", str(out_st))[0]
+        == 0
+    )
+    from_bin, from_st = load_state_dict(out_bin), load_state_dict(out_st)
+    assert from_bin.keys() == from_st.keys()
+    assert all(torch.equal(from_bin[k], from_st[k]) for k in from_st)
 
 
 def test_a_folder_without_weights_is_named_with_what_it_holds(tmp_path):
