@@ -193,26 +193,22 @@ def _from_file(uri: str, cache: CheckpointCache) -> CheckpointSource:
     if name.endswith(".index.json"):
         return CheckpointSource(uri, "sharded", uri)
     shard = _SHARD.match(name)
-    # local folders are listed cheaply; remote ones only when the name says it is a shard
-    if shard or not is_remote(uri):
-        files = _listing(folder, cache)
-        index = _index_naming(folder, name, files, cache)
-        if index is not None:
-            raise CheckpointError(
-                f"{uri}: is one shard of the sharded checkpoint {index}; give that index "
-                "or its folder, not one shard (a part alone would be merged as a whole model)"
-            )
-        if shard:
-            raise CheckpointError(
-                f"{uri}: is shard {int(shard['index'])} of {int(shard['count'])} of a sharded "
-                f"checkpoint and no *.index.json beside it names it; give the whole checkpoint"
-            )
-        if name in ADAPTER_WEIGHTS and ADAPTER_CONFIG in files:
-            return CheckpointSource(uri, "lora", uri, folder, files, join(folder, ADAPTER_CONFIG))
-    elif name in ADAPTER_WEIGHTS:
-        files = _listing(folder, cache)
-        if ADAPTER_CONFIG in files:
-            return CheckpointSource(uri, "lora", uri, folder, files, join(folder, ADAPTER_CONFIG))
+    # a local folder is listed cheaply; a remote one only when the name says it may matter
+    listed = shard or name in ADAPTER_WEIGHTS or not is_remote(uri)
+    files = _listing(folder, cache) if listed else ()
+    index = _index_naming(folder, name, files, cache)
+    if index is not None:
+        raise CheckpointError(
+            f"{uri}: is one shard of the sharded checkpoint {index}; give that index "
+            "or its folder, not one shard (a part alone would be merged as a whole model)"
+        )
+    if shard:
+        raise CheckpointError(
+            f"{uri}: is shard {int(shard['index'])} of {int(shard['count'])} of a sharded "
+            f"checkpoint and no *.index.json beside it names it; give the whole checkpoint"
+        )
+    if name in ADAPTER_WEIGHTS and ADAPTER_CONFIG in files:
+        return CheckpointSource(uri, "lora", uri, folder, files, join(folder, ADAPTER_CONFIG))
     return CheckpointSource(uri, "file", uri)
 
 

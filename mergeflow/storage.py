@@ -4,7 +4,10 @@ Remote objects are fetched into a local cache keyed by URI + ETag, so a second f
 unchanged object transfers no bytes (one metadata request only). Downloads land atomically:
 they stream into a temporary file beside the target, are checked against the remote size and,
 where the ETag is a plain MD5, against it, and only then are renamed into place. A cache
-entry whose file no longer matches its recorded SHA-256 is fetched again.
+entry is used only if its file still holds what was downloaded: the size must match, and the
+content is hashed again (SHA-256) unless the file's fingerprint (inode, size, mtime and
+ctime, see :func:`fingerprint`) is the one recorded when it was last verified; a file that
+no longer matches is fetched again.
 
 S3 honours the standard AWS variables (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
 ``AWS_SESSION_TOKEN``, ``AWS_PROFILE``, ``AWS_DEFAULT_REGION``) and ``AWS_ENDPOINT_URL_S3`` /
@@ -77,13 +80,19 @@ def default_cache_dir() -> Path:
     return Path(base) / "mergeflow"
 
 
-# (path, size, mtime_ns) → sha256: hashing a local checkpoint once per process, not per use
-_LOCAL_DIGESTS: dict[tuple[str, int, int], str] = {}
+def fingerprint(stat: os.stat_result) -> list[int]:
+    """What says a file is untouched without reading it: its inode, size, mtime and ctime.
+    mtime alone is not enough (``os.utime`` sets it back after a write); ctime changes on
+    every write, ``utime``, ``chmod`` or rename, and no process can set it."""
+    return [stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
+
+
+# (path, fingerprint) → sha256: hashing a local checkpoint once per process, not per use
+_LOCAL_DIGESTS: dict[tuple, str] = {}
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-    stat = os.stat(path)
-    memo_key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
+    memo_key = (os.path.realpath(path), *fingerprint(os.stat(path)))
     if memo_key in _LOCAL_DIGESTS:
         return _LOCAL_DIGESTS[memo_key]
     digest = hashlib.sha256()
@@ -208,11 +217,16 @@ class CheckpointCache:
         if stat.st_size != meta.get("size"):
             log.warning("cached %s has the wrong size; fetching it again", meta.get("uri"))
             return None
-        if stat.st_mtime_ns != meta.get("mtime_ns") and file_sha256(target) != meta.get("sha256"):
+        if fingerprint(stat) == meta.get("fingerprint"):
+            return meta  # untouched since it was verified (see fingerprint)
+        if file_sha256(target) != meta.get("sha256"):
             log.warning(
                 "cached %s no longer matches its digest; fetching it again", meta.get("uri")
             )
             return None
+        # verified by content: the next use may trust the file's fingerprint again
+        meta["fingerprint"] = fingerprint(stat)
+        atomic_write_bytes(entry / "entry.json", json.dumps(meta).encode())
         return meta
 
     def _download(self, fs, rpath, uri, info, etag, entry: Path, target: Path) -> str:
@@ -254,7 +268,7 @@ class CheckpointCache:
             "etag": etag,
             "size": expected_size,
             "sha256": sha256.hexdigest(),
-            "mtime_ns": target.stat().st_mtime_ns,
+            "fingerprint": fingerprint(target.stat()),
         }
         atomic_write_bytes(entry / "entry.json", json.dumps(meta).encode())
         log.info("fetched %s (%d bytes)", uri, expected_size)

@@ -87,3 +87,173 @@ def test_torch_file_over_s3(tower, bucket, cache, tmp_path):
     torch.save({"state_dict": tower}, local)
     boto3.client("s3").upload_file(str(local), bucket, "ckpt.pt")
     assert_same(load_state_dict(f"s3://{bucket}/ckpt.pt", cache), tower)
+
+
+def test_a_cache_file_corrupted_in_place_with_its_mtime_kept_is_fetched_again(tower, bucket, cache):
+    import os
+
+    uri = f"s3://{bucket}/kept-mtime.safetensors"
+    save_state_dict(tower, uri)
+    first = cache.fetch(uri)
+    before = first.path.stat()
+    data = bytearray(first.path.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one bit, same size
+    first.path.write_bytes(bytes(data))
+    os.utime(first.path, ns=(before.st_atime_ns, before.st_mtime_ns))  # mtime as it was
+    assert first.path.stat().st_mtime_ns == before.st_mtime_ns
+    again = cache.fetch(uri)
+    assert not again.from_cache and again.sha256 == first.sha256
+    assert_same(load_state_dict(uri, cache), tower)
+
+
+def test_a_truncated_cache_file_is_fetched_again(tower, bucket, cache):
+    uri = f"s3://{bucket}/truncated.safetensors"
+    save_state_dict(tower, uri)
+    first = cache.fetch(uri)
+    first.path.write_bytes(first.path.read_bytes()[:-100])
+    again = cache.fetch(uri)
+    assert not again.from_cache and again.size == first.size
+    assert again.path.read_bytes()[-100:] != b""
+
+
+def test_an_untouched_cache_file_is_trusted_by_its_fingerprint(tower, bucket, cache, monkeypatch):
+    import os
+
+    from mergeflow import storage
+
+    uri = f"s3://{bucket}/untouched.safetensors"
+    save_state_dict(tower, uri)
+    first = cache.fetch(uri)
+    hashed = []
+    real = storage.file_sha256
+    monkeypatch.setattr(storage, "file_sha256", lambda path: hashed.append(path) or real(path))
+    assert cache.fetch(uri).from_cache and hashed == []  # nothing changed: not read again
+    os.utime(first.path)  # a touch changes the fingerprint: read and hashed once
+    assert cache.fetch(uri).from_cache and len(hashed) == 1
+    assert cache.fetch(uri).from_cache and len(hashed) == 1  # and trusted again after that
+
+
+def _flip_a_bit(data: bytearray, start: int, total: int) -> bytearray:
+    if len(data) > 1000:  # an object's body, not an error document
+        data[len(data) // 2] ^= 0x01
+    return data
+
+
+def _lose_the_tail(data: bytearray, start: int, total: int) -> bytearray:
+    return data[: max(0, total - 100 - start)]  # as if the object ended 100 bytes early
+
+
+class _CorruptingProxy:
+    """A real HTTP hop between the client and the S3 server that damages every object body
+    it passes on (``mangle(body, first byte, object size)``), as a faulty network path
+    might."""
+
+    def __init__(self, upstream: str, mangle=_flip_a_bit):
+        import http.client
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from urllib.parse import urlparse
+
+        target = urlparse(upstream)
+
+        class Handler(BaseHTTPRequestHandler):
+            def _relay(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                connection = http.client.HTTPConnection(target.hostname, target.port)
+                connection.request(self.command, self.path, body, dict(self.headers))
+                reply = connection.getresponse()
+                data = bytearray(reply.read())
+                if self.command == "GET" and reply.status in (200, 206):
+                    span = (
+                        reply.getheader("Content-Range") or f"bytes 0-{len(data) - 1}/{len(data)}"
+                    )
+                    first, total = int(span.split()[1].split("-")[0]), int(span.split("/")[1])
+                    data = mangle(data, first, total)
+                self.send_response(reply.status)
+                for name, value in reply.getheaders():
+                    if name.lower() in ("content-length", "content-range"):
+                        continue
+                    # without the server's own checksums (objects stored before S3 had
+                    # them, or stores that send none) the MD5 ETag is what is left to check
+                    lower = name.lower()
+                    if lower not in ("transfer-encoding", "connection") and not lower.startswith(
+                        "x-amz-checksum"
+                    ):
+                        self.send_header(name, value)
+                if self.command != "HEAD":
+                    self.send_header("Content-Length", str(len(data)))
+                    if reply.status == 206:
+                        total = reply.getheader("Content-Range").split("/")[1]
+                        first = int(reply.getheader("Content-Range").split()[1].split("-")[0])
+                        self.send_header(
+                            "Content-Range", f"bytes {first}-{first + len(data) - 1}/{total}"
+                        )
+                else:
+                    self.send_header("Content-Length", reply.getheader("Content-Length") or "0")
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(bytes(data))
+
+            do_GET = do_PUT = do_HEAD = do_POST = do_DELETE = _relay
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+
+
+def test_a_download_that_does_not_match_its_md5_etag_is_refused(
+    tower, bucket, cache, s3_endpoint, monkeypatch
+):
+    uri = f"s3://{bucket}/through-a-bad-hop.safetensors"
+    save_state_dict(tower, uri)
+    proxy = _CorruptingProxy(s3_endpoint)
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        with pytest.raises(
+            CheckpointError, match=r"through-a-bad-hop.*do not match the .*ETag"
+        ) as refused:
+            cache.fetch(uri)
+        assert refused.value.transient  # a retry may get the right bytes
+    finally:
+        proxy.close()
+    entries = list((cache.root / "objects").rglob("*"))
+    assert not [p for p in entries if p.is_file()]  # nothing kept from the bad download
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    assert_same(load_state_dict(uri, cache), tower)
+
+
+def test_a_short_download_of_a_multipart_object_is_refused(bucket, cache, s3_endpoint, monkeypatch):
+    """A multipart object's ETag is no MD5 of its bytes: its size is what is left to check."""
+    from boto3.s3.transfer import TransferConfig
+
+    from mergeflow.storage import _MD5_ETAG
+
+    big = {"w": torch.randn(3_000_000, generator=torch.Generator().manual_seed(0))}  # 12 MB
+    local = cache.root.parent / "big.safetensors"
+    save_state_dict(big, local)
+    boto3.client("s3").upload_file(
+        str(local),
+        bucket,
+        "big.safetensors",
+        Config=TransferConfig(multipart_threshold=5 * 2**20, multipart_chunksize=5 * 2**20),
+    )
+    uri = f"s3://{bucket}/big.safetensors"
+    etag = boto3.client("s3").head_object(Bucket=bucket, Key="big.safetensors")["ETag"]
+    assert not _MD5_ETAG.match(etag.strip('"'))  # "…-3": not an MD5
+    proxy = _CorruptingProxy(s3_endpoint, _lose_the_tail)
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        with pytest.raises(CheckpointError, match=r"big\.safetensors: download truncated") as cut:
+            cache.fetch(uri)
+        assert cut.value.transient
+    finally:
+        proxy.close()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    assert_same(load_state_dict(uri, cache), big)
