@@ -284,10 +284,15 @@ def test_centered_task_arithmetic_is_weight_averaging(models):
     "method", ["ties", "dare", "tsv_m", "iso_c", "iso_cts", "consensus", "pcb"]
 )
 def test_centered_methods_need_no_base_and_start_from_the_average(models, method):
-    _, finetuned = models
+    """Centering is the method itself with θ_avg as its origin: the same merge as giving
+    the weight average as the base (thresholds, signs and subspaces all from θ_t − θ_avg)."""
+    base, finetuned = models
     merged = merge(method, None, finetuned, center="average")
     averaged = merge("average", None, finetuned)
-    assert merged.keys() == averaged.keys()
+    assert_states_close(merged, merge(method, averaged, finetuned, center="base"), atol=1e-6)
+    # and not the base's origin, nor the average itself
+    from_the_base = merge(method, base, finetuned, center="base")
+    assert not all(torch.allclose(merged[k], from_the_base[k], atol=1e-4) for k in merged)
     assert not all(torch.equal(merged[k], averaged[k]) for k in merged)
     with pytest.raises(ParameterError, match="needs a base checkpoint"):
         merge(method, None, finetuned)

@@ -78,17 +78,40 @@ def test_registration_is_idempotent_and_champion_moves_only_on_the_same_data(tra
     assert unverifiable.aliases == ("challenger",)
     assert champion() == "1"
 
+    # an equal score on the same data is no better: the champion stays
+    tied = _register("m", 0.5, "k5", "data-1")
+    assert tied.aliases == ("challenger",)
+    assert champion() == "1"
+
+    # a champion scored on other data whose rescoring fails stays, however high the new score
+    def broken(uri):
+        raise RuntimeError("its weights are gone")
+
+    unreadable = _register("m", 0.99, "k6", "data-4", rescore=broken)
+    assert unreadable.aliases == ("challenger",)
+    assert champion() == "1"
+
     # a better model on the same data takes champion
-    better = _register("m", 0.6, "k5", "data-1")
+    better = _register("m", 0.6, "k7", "data-1")
     assert (better.version, better.aliases, better.previous_champion) == (
-        "5",
+        "7",
         ("champion",),
         "1",
     )
-    assert champion() == "5"
-    tags = client.get_model_version("m", "5").tags
+    assert champion() == "7"
+    tags = client.get_model_version("m", "7").tags
     assert tags[registry.REPORT_DATA_TAG] == "data-1"
     assert float(tags[registry.SCORE_TAG]) == 0.6
+
+
+def test_promoting_takes_a_strictly_higher_score(tracking):
+    client = mlflow.MlflowClient()
+    _register("p", 0.5, "p1", "data-1")
+    _register("p", 0.4, "p2", "data-1")
+    assert registry.promote(client, "p", "2", 0.5, 0.5) is False  # a tie is not better
+    assert str(client.get_model_version_by_alias("p", "champion").version) == "1"
+    assert registry.promote(client, "p", "2", 0.5001, 0.5) is True
+    assert str(client.get_model_version_by_alias("p", "champion").version) == "2"
 
 
 def test_a_registration_interrupted_before_its_aliases_is_completed_by_the_retry(tracking):
