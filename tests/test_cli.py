@@ -216,11 +216,16 @@ def test_missing_checkpoint_is_named(checkpoints, tmp_path, capsys):
 
 
 def test_methods_lists_every_registered_method(capsys):
+    from mergeflow.data_aware import DATA_AWARE
+    from mergeflow.methods import METHODS
+
     assert main(["methods"]) == 0
     out = capsys.readouterr().out
-    for name in ("average", "task_arithmetic", "cart"):
-        assert name in out
-    assert "rank_ratio" in out
+    listed = {line.split()[0] for line in out.splitlines() if line and not line[0].isspace()}
+    assert listed == set(METHODS) | set(DATA_AWARE)
+    for name, method in {**METHODS, **DATA_AWARE}.items():
+        assert method.reference in out, name
+        assert method.describe_params() in out, name
 
 
 @pytest.mark.parametrize(

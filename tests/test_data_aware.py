@@ -113,6 +113,40 @@ def test_eata_selection_keeps_confident_samples_only(local_zoo):
     assert all(0 <= share < 1 for share in kept.values())
 
 
+def test_eata_keeps_the_confident_and_non_redundant_weighted_by_their_certainty():
+    import math
+
+    from mergeflow.data_aware.adamerging import AdaMergingParams, _eata_weights
+    from mergeflow.data_aware.base import entropy
+
+    params = AdaMergingParams(select="eata", entropy_margin=0.4, redundancy=0.95)
+    e0 = 0.4 * math.log(4)
+    logits = torch.tensor(
+        [
+            [9.0, 0.0, 0.0, 0.0],  # confident, class 0
+            [0.0, 8.0, 0.0, 0.0],  # confident, class 1
+            [0.1, 0.0, 0.1, 0.0],  # nearly uniform: entropy above the margin
+            [9.0, 0.0, 0.1, 0.0],
+        ]  # confident, class 0 again
+    )
+    h = entropy(logits)
+    assert bool(h[2] > e0) and bool((h[[0, 1, 3]] < e0).all())
+    running = [None]
+    weights = _eata_weights(logits, h, params, running, 0)
+    torch.testing.assert_close(weights, torch.exp(e0 - h) * torch.tensor([1.0, 1.0, 0.0, 1.0]))
+    kept = torch.softmax(logits[[0, 1, 3]], -1).mean(0)
+    torch.testing.assert_close(running[0], kept)  # the first mean is the kept rows' mean
+    # next step: a prediction like the running mean is redundant; a different one is kept
+    like_before = torch.log(kept)[None]
+    other = torch.tensor([[0.0, 0.0, 0.0, 9.0]])
+    both = torch.cat([like_before, other])
+    weights = _eata_weights(both, entropy(both), params, running, 0)
+    assert weights[0] == 0 and weights[1] > 0
+    torch.testing.assert_close(
+        running[0], 0.9 * kept + 0.1 * torch.softmax(other, -1)[0]
+    )  # updated from the kept row only
+
+
 @pytest.mark.parametrize("method", ["fisher", "regmean"])
 def test_fisher_and_regmean_change_only_what_their_data_reaches(local_zoo, method):
     from mergeflow import pipeline

@@ -121,13 +121,14 @@ class TestCheckpointFaults:
     def test_truncated_safetensors(self, files, capsys):
         whole = files[2]["task1"].read_bytes()
         err = self._refused(files, capsys, raw=whole[: len(whole) // 2])
-        assert "task1.safetensors" in err
+        assert "task1.safetensors" in err and "truncated" in err
+        assert re.search(r"tensor '[^']+' ends at byte \d+ of a \d+-byte file", err), err
 
     def test_corrupt_safetensors_header(self, files, capsys):
         whole = bytearray(files[2]["task1"].read_bytes())
-        whole[8:40] = b"\xff" * 32  # the JSON header is no longer JSON
+        whole[9:40] = b"\xff" * 31  # after its opening brace, the JSON header is no longer JSON
         err = self._refused(files, capsys, raw=bytes(whole))
-        assert "task1.safetensors" in err
+        assert "task1.safetensors: unreadable safetensors header" in err
 
     def test_empty_file(self, files, capsys):
         err = self._refused(files, capsys, raw=b"")

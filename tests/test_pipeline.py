@@ -202,9 +202,9 @@ def assert_no_secrets(secrets, captured, client, tmp_path):
             folder = mlflow.artifacts.download_artifacts(
                 run_id=run.info.run_id, dst_path=str(tmp_path / "scan" / run.info.run_id)
             )
-            for path in Path(folder).rglob("*"):
-                if path.is_file() and path.suffix in (".json", ".txt", ".yaml", ""):
-                    texts[f"artifact file {path.name}"] = path.read_text(errors="replace")
+            for path in Path(folder).rglob("*"):  # every file, weights and charts included
+                if path.is_file():
+                    texts[f"artifact file {path.name}"] = path.read_bytes().decode("latin-1")
     for model in client.search_registered_models():
         for version in client.search_model_versions(f"name='{model.name}'"):
             texts[f"model version {model.name}/{version.version}"] = json.dumps(version.tags)

@@ -304,7 +304,17 @@ def test_promote_flow_and_score_model_on_the_registry(
     )
     kept = promote(spec, cache_dir=cache_dir)
     assert kept["version"] == "2" and kept["previous_champion"] == "1"
+    # the gate's two scores are each model's own, taken on the spec's report data ...
+    from mergeflow.tracking import score_of
+
+    def scored(version):
+        scores = pipeline.registered_model_scores(spec, cache, f"models:/promoted/{version}")
+        return score_of(pipeline.summary_of(spec, cache, scores))
+
+    assert kept["score"] == pytest.approx(scored(2))
+    assert kept["champion_score"] == pytest.approx(scored(1))
     assert kept["score"] != kept["champion_score"]
+    # ... and champion went to the strictly higher one
     client = mlflow.MlflowClient()
     champion = str(client.get_model_version_by_alias("promoted", "champion").version)
     assert kept["promoted"] == (kept["score"] > kept["champion_score"])

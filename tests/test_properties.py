@@ -142,10 +142,15 @@ FIELDS = st.sampled_from(
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.dictionaries(FIELDS, JSONISH, max_size=4))
 def test_any_document_parses_or_fails_with_a_named_field(changes):
+    document = {**VALID, **changes}
     try:
-        spec = MergeSpec.parse({**VALID, **changes})
+        spec = MergeSpec.parse(document)
     except MergeflowError as exc:
-        assert str(exc).startswith("spec: ") and len(str(exc).splitlines()) == 1
+        message = str(exc)
+        assert message.startswith("spec: ") and len(message.splitlines()) == 1
+        # what follows the prefix is the field at fault: a key of the document
+        field = message.removeprefix("spec: ").split(":")[0].split(".")[0]
+        assert field in document, message
     else:
         assert MergeSpec.parse(yaml.safe_load(spec.to_yaml())) == spec
 
