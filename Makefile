@@ -12,7 +12,7 @@ export AWS_EC2_METADATA_DISABLED := true
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup test lint format demo bench bench-memory deploy lock clean
+.PHONY: setup test lint format demo bench bench-memory mutation deploy lock clean
 
 setup: $(STAMP)
 
@@ -47,6 +47,12 @@ bench: setup
 
 bench-memory: setup
 	$(PY) bench/memory.py
+
+# mutmut over the core against its fast tests (pyproject.toml [tool.mutmut]); prints the
+# share of mutants caught per module and the survivors. Hours on 2 cores (see README);
+# `$(PY) bench/mutation.py --report` reads the last run again.
+mutation: setup
+	$(PY) bench/mutation.py
 
 # Work pools (cpu, gpu), the gpu tag limit and every deployment of prefect.yaml, on the
 # Prefect server at PREFECT_API_URL. GPUS=2 for two GPUs; NIGHTLY_SPEC=spec.yaml for the

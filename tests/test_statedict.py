@@ -71,3 +71,14 @@ def test_dtype_mismatch_is_named():
     b = {"w": torch.zeros(2, dtype=torch.float32)}
     with pytest.raises(StateDictMismatchError, match=r"'w'.*float16.*float32"):
         check_same_layout(layout_of(a), layout_of(b), "a.safetensors", "b.safetensors")
+
+
+def test_missing_keys_are_named_three_at_a_time():
+    five = layout_of({f"k{i}": torch.zeros(1) for i in range(5)})
+    with pytest.raises(StateDictMismatchError) as many:
+        check_same_layout(five, {}, "A", "B")
+    assert str(many.value) == "key 'k0', 'k1', 'k2' and 2 more of A is missing from B"
+    three = layout_of({k: torch.zeros(1) for k in ("x", "y", "z")})
+    with pytest.raises(StateDictMismatchError) as few:
+        check_same_layout(three, {}, "A", "B")
+    assert str(few.value) == "key 'x', 'y', 'z' of A is missing from B"
