@@ -10,7 +10,8 @@ each survivor's diff.
 Target: at least 90% caught in each module; a survivor is either killed by a new test or
 named in the README with the reason it is equivalent (the same behaviour as the original).
 
-    python bench/mutation.py             # run mutmut (hours on 2 cores), then report
+    python bench/mutation.py             # run mutmut afresh (hours on 2 cores), then report
+    python bench/mutation.py "mergeflow.svd*" "mergeflow.methods.ties*"   # some functions
     python bench/mutation.py --report    # report on the last run
     python bench/mutation.py --report --diffs 0
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -82,11 +84,16 @@ def main() -> int:
     parser.add_argument("--report", action="store_true", help="only report the last run")
     parser.add_argument("--diffs", type=int, default=40, help="survivors' diffs to print")
     parser.add_argument("--max-children", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("names", nargs="*", help="mutant name globs (default: every mutant)")
     args = parser.parse_args()
     if not args.report:
+        # mutmut keeps mutants of files it saw unchanged, even when its configuration
+        # changed which files to mutate: every run starts from a fresh copy
+        shutil.rmtree(ROOT / "mutants", ignore_errors=True)
         started = time.perf_counter()
         subprocess.run(
-            [sys.executable, "-m", "mutmut", "run", "--max-children", str(args.max_children)],
+            [sys.executable, "-m", "mutmut", "run", "--max-children", str(args.max_children)]
+            + args.names,
             cwd=ROOT,
             check=False,
             stdout=subprocess.DEVNULL,
