@@ -37,7 +37,6 @@ from mergeflow.storage import CheckpointCache
 from mergeflow.svd import (
     Factors,
     energy_rank,
-    factors_bytes,
     factors_from_tensors,
     factors_to_tensors,
     low_rank_sum,
@@ -189,10 +188,6 @@ class CartFactors:
             else:
                 merged[key] = avg.clone()
         return merged
-
-    def num_bytes(self) -> int:
-        average = sum(t.numel() * t.element_size() for t in self.average.values())
-        return average + factors_bytes(self.factors)
 
     def save(self, uri: str | os.PathLike) -> None:
         """Write everything to one safetensors file at ``uri``."""

@@ -141,6 +141,21 @@ def _remote_info(fs: fsspec.AbstractFileSystem, path: str, uri: str) -> dict:
     return info
 
 
+def _etag_is_not_an_md5(fs: fsspec.AbstractFileSystem, rpath: str) -> bool:
+    """Whether S3 made this object's ETag from something other than the MD5 of its bytes:
+    objects encrypted with SSE-KMS or a customer key (SSE-C). s3fs's ``info`` drops the
+    encryption headers, so they are asked for, only when an ETag did not match."""
+    call = getattr(fs, "call_s3", None)
+    if call is None:
+        return False
+    bucket, key, version = fs.split_path(rpath)
+    head = call(
+        "head_object", Bucket=bucket, Key=key, **({"VersionId": version} if version else {})
+    )
+    encryption = str(head.get("ServerSideEncryption", ""))
+    return encryption.startswith("aws:kms") or bool(head.get("SSECustomerAlgorithm"))
+
+
 def _etag_of(info: dict) -> str | None:
     etag = info.get("ETag") or info.get("etag")
     return etag.strip('"') if isinstance(etag, str) else None
@@ -248,8 +263,12 @@ class CheckpointCache:
                     f"{uri}: download truncated ({received} of {expected_size} bytes)",
                     transient=True,
                 )
-            kms = str(info.get("ServerSideEncryption", "")).startswith("aws:kms")
-            if etag and _MD5_ETAG.match(etag) and not kms and md5.hexdigest() != etag:
+            if (
+                etag
+                and _MD5_ETAG.match(etag)
+                and md5.hexdigest() != etag
+                and not _etag_is_not_an_md5(fs, rpath)
+            ):
                 raise CheckpointError(
                     f"{uri}: downloaded bytes do not match the object's ETag", transient=True
                 )

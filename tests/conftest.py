@@ -28,6 +28,19 @@ def tiny_tower_state(seed: int = 0, width: int = 32, layers: int = 2) -> dict[st
     return {f"visual.{k}": v.detach().clone() for k, v in tower.state_dict().items()}
 
 
+def order_statistics_of(chunks, ranks) -> list[float]:
+    """The values at ``ranks`` of the stream ``chunks``, by OrderStatistics' two passes."""
+    from mergeflow.order_stats import OrderStatistics
+
+    stats = OrderStatistics()
+    for chunk in chunks:
+        stats.observe(chunk)
+    stats.next_pass(ranks)
+    for chunk in chunks:
+        stats.observe(chunk)
+    return stats.values()
+
+
 def finetune_like(base: dict[str, torch.Tensor], num_tasks: int, seed: int = 1, strength=0.05):
     """``num_tasks`` copies of ``base``, each moved by its own task vector: a low-rank part
     on matrices (as fine-tuning tends to give) plus small dense noise everywhere."""

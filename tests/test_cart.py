@@ -135,10 +135,69 @@ def test_grid_does_not_run_another_svd(family, monkeypatch):
 def test_grid_refuses_ranks_it_did_not_factorize(family):
     _, tuned = family
     factors = CartFactors.factorize(tuned, max_rank_ratio=0.25, device="cpu")
-    with pytest.raises(ParameterError, match="max_rank_ratio"):
+    with pytest.raises(ParameterError) as above:
         factors.merge(0.5)
+    assert str(above.value) == (
+        "rank_ratio 0.5 is above the factorized maximum 0.25; factorize with a larger "
+        "max_rank_ratio"
+    )
     with pytest.raises(ParameterError, match="rank_ratio"):
         factors.merge(0.0)
+    with pytest.raises(ParameterError, match="energy"):
+        factors.merge(energy=1.5)
+
+
+def test_grid_defaults_are_full_factorization_and_cart_s_own_point(family):
+    _, tuned = family
+    factors = CartFactors.factorize(tuned, device="cpu")  # every rank: up to min(m, n)
+    assert factors.max_rank_ratio == 1.0
+    averaged = mean(tuned)
+    for key, value in factors.merge(1.0, device="cpu").items():
+        torch.testing.assert_close(value, averaged[key], atol=2e-5, rtol=0, msg=key)
+    defaults = factors.merge(device="cpu")
+    for key, value in cart(tuned).items():  # CART's own defaults: rank 0.12, λ 1
+        torch.testing.assert_close(defaults[key], value, atol=1e-6, rtol=0, msg=key)
+    assert factors.params(0.1).scale == 1.0
+    scaled = factors.merge(0.2, 1.7, device="cpu")
+    for key, value in cart(tuned, rank_ratio=0.2, scale=1.7).items():
+        torch.testing.assert_close(scaled[key], value, atol=1e-6, rtol=0, msg=key)
+
+
+def test_grid_names_the_fine_tuned_model_at_fault():
+    good = tiny_tower_state(seed=1)
+    bad = {k: v for k, v in good.items() if k != "visual.proj"}
+    with pytest.raises(Exception, match="fine-tuned model 0.*missing from fine-tuned model 1"):
+        CartFactors.factorize([good, bad], device="cpu")
+    with pytest.raises(ParameterError, match="^no fine-tuned checkpoints given$"):
+        CartFactors.factorize([], device="cpu")
+
+
+def test_grid_energy_may_use_every_factorized_triplet(family):
+    _, tuned = family
+    factors = CartFactors.factorize(tuned, max_rank_ratio=0.25, device="cpu")
+    # the smallest share the k_max triplets hold over all matrices and tasks: at that energy
+    # some matrix needs all of them, which is allowed; more than they hold is refused
+    held = min(
+        float((f.s.double() ** 2).sum() / total)
+        for key in factors.factors
+        for f, total in zip(factors.factors[key], factors.norms[key].tolist(), strict=True)
+    )
+    ranks = {key: factors.energy_ranks(key, held * (1 - 1e-9)) for key in factors.factors}
+    full = [
+        k == f.rank for key in ranks for k, f in zip(ranks[key], factors.factors[key], strict=True)
+    ]
+    assert any(full)
+    factors.merge(energy=held * (1 - 1e-9), device="cpu")
+    with pytest.raises(ParameterError, match="needs more than the .* factorized"):
+        factors.merge(energy=min(1.0, held * 1.01), device="cpu")
+
+
+def test_grid_keeps_integer_buffers_as_they_are(family):
+    _, tuned = family
+    with_buffer = [{**t, "visual.position_ids": torch.arange(5)} for t in tuned]
+    factors = CartFactors.factorize(with_buffer, max_rank_ratio=0.25, device="cpu")
+    for merged in (factors.merge(0.1, device="cpu"), factors.merge(energy=0.3, device="cpu")):
+        assert torch.equal(merged["visual.position_ids"], torch.arange(5))
 
 
 def test_factors_round_trip_through_a_file(family, tmp_path):
@@ -151,6 +210,15 @@ def test_factors_round_trip_through_a_file(family, tmp_path):
     a, b = factors.merge(0.2, 0.8, device="cpu"), loaded.merge(0.2, 0.8, device="cpu")
     for key in a:
         assert torch.equal(a[key], b[key])
+    a, b = factors.merge(energy=0.5, device="cpu"), loaded.merge(energy=0.5, device="cpu")
+    for key in a:
+        assert torch.equal(a[key], b[key])
+    other = tmp_path / "plain.safetensors"
+    from mergeflow.checkpoints import save_state_dict
+
+    save_state_dict(tuned[0], other)
+    with pytest.raises(Exception, match=r"plain\.safetensors: not a CART factors file"):
+        CartFactors.load(other)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

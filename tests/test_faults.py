@@ -130,6 +130,12 @@ class TestCheckpointFaults:
         err = self._refused(files, capsys, raw=bytes(whole))
         assert "task1.safetensors: unreadable safetensors header" in err
 
+    def test_header_without_its_opening_brace_is_neither_format(self, files, capsys):
+        whole = bytearray(files[2]["task1"].read_bytes())
+        whole[8:9] = b"x"  # byte 8 opens a safetensors JSON header; no zip or pickle starts so
+        err = self._refused(files, capsys, raw=bytes(whole))
+        assert "task1.safetensors: neither a safetensors nor a torch checkpoint" in err
+
     def test_empty_file(self, files, capsys):
         err = self._refused(files, capsys, raw=b"")
         assert "task1.safetensors" in err and "empty" in err

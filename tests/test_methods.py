@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import finetune_like, tiny_tower_state
+from conftest import finetune_like, order_statistics_of, tiny_tower_state
 
 from mergeflow import ParameterError
 from mergeflow.cart_grid import CartFactors
@@ -56,13 +56,35 @@ def test_streamed_order_statistics_equal_a_sort(seed):
     chunks.append(torch.tensor([0.0, -0.0, 2.5, 2.5, -7.0, float("inf")]))
     everything = torch.sort(torch.cat(chunks)).values
     ranks = [0, 1, 17, 3000, everything.numel() // 2, everything.numel() - 1]
+    assert order_statistics_of(chunks, ranks) == [everything[r].item() for r in ranks]
+
+
+def test_order_statistics_at_the_ends_of_the_float_range_and_in_half_precision():
+    values = torch.tensor([float("-inf"), -3.0e38, -1.0, 0.0, 2.0, 3.0e38, float("inf")])
+    assert order_statistics_of([values], list(range(7))) == values.tolist()  # bucket 0 holds -inf
+    half = torch.tensor([0.5, -2.0, 1.5, 0.25], dtype=torch.bfloat16)
+    assert order_statistics_of([half], [0, 1, 2, 3]) == [-2.0, 0.25, 0.5, 1.5]
+
+
+def test_order_statistics_count_exactly_beyond_float32s_integers():
+    # 2**24 + 1 zeros: a float32 counter cannot hold that count
+    zeros = torch.zeros(2**24 + 1)
+    tail = torch.tensor([1.0, 2.0])
+    assert order_statistics_of([zeros, tail], [2**24, 2**24 + 1, 2**24 + 2]) == [0.0, 1.0, 2.0]
+
+
+def test_order_statistics_refuse_misuse():
     stats = OrderStatistics()
-    for chunk in chunks:
-        stats.observe(chunk)
-    stats.next_pass(ranks)
-    for chunk in chunks:
-        stats.observe(chunk)
-    assert stats.values() == [everything[r].item() for r in ranks]
+    stats.observe(torch.arange(5.0))
+    with pytest.raises(RuntimeError, match="^values are known after the second pass$"):
+        stats.values()
+    with pytest.raises(ValueError, match="^rank 5 is outside a stream of 5 values$"):
+        stats.next_pass([5])
+    with pytest.raises(ValueError, match="^rank -1 is outside a stream of 5 values$"):
+        stats.next_pass([-1])
+    stats.next_pass([4])
+    with pytest.raises(RuntimeError, match="^OrderStatistics takes exactly two passes$"):
+        stats.next_pass([0])
 
 
 # --- TIES -----------------------------------------------------------------------------
@@ -108,6 +130,41 @@ def test_ties_elects_the_sign_of_the_larger_mass(models):
     torch.testing.assert_close(merged[MATRIX] - base[MATRIX], torch.full_like(base[MATRIX], 0.75))
 
 
+def _ties_over_the_flattened_model(base, finetuned, density, aggregate, scale, vectors=None):
+    """The paper's algorithm as its reference code writes it: each task vector flattened over
+    the whole model, trimmed at its k-th smallest magnitude (k = d − int(d · density), that
+    entry kept), signs elected by summed mass, the agreeing entries averaged or summed."""
+    keys = list(base)
+    flat_base = torch.cat([base[k].flatten() for k in keys])
+    if vectors is None:  # task vectors from the models, or given (no rounding of θ + τ − θ)
+        vectors = [{k: m[k] - base[k] for k in keys} for m in finetuned]
+    taus = torch.stack([torch.cat([v[k].flatten() for k in keys]) for v in vectors])
+    d = taus.shape[1]
+    threshold = taus.abs().kthvalue(d - int(d * density), dim=1, keepdim=True).values
+    trimmed = torch.where(taus.abs() >= threshold, taus, torch.zeros_like(taus))
+    sign = torch.where(trimmed.sum(0) < 0, -1.0, 1.0)
+    agrees = trimmed * sign > 0
+    merged = (trimmed * agrees).sum(0)
+    if aggregate == "mean":
+        merged = merged / agrees.sum(0).clamp(min=1)
+    flat = flat_base + scale * merged
+    out, start = {}, 0
+    for k in keys:
+        out[k] = flat[start : start + base[k].numel()].view_as(base[k])
+        start += base[k].numel()
+    return out
+
+
+@pytest.mark.parametrize("aggregate", ["mean", "sum"])
+@pytest.mark.parametrize("density", [0.2, 0.5])
+def test_ties_equals_the_algorithm_over_the_flattened_model(models, density, aggregate):
+    # what the FusionBench agreement test checks, kept in a test that runs without it
+    base, finetuned = models
+    merged = merge("ties", base, finetuned, density=density, scale=0.7, aggregate=aggregate)
+    expected = _ties_over_the_flattened_model(base, finetuned, density, aggregate, 0.7)
+    assert_states_close(merged, expected, atol=1e-6)
+
+
 # --- DARE -----------------------------------------------------------------------------
 
 
@@ -142,6 +199,63 @@ def test_dare_with_ties_and_no_drop_is_ties(models):
     )
 
 
+def _dare_mask(seed, key, task, shape, p):
+    """DARE's documented mask rule: a CPU generator seeded by the first 8 bytes (little
+    endian, 63 bits) of sha256("{seed}/{key}/{task}"); an entry is kept when its draw ≥ p."""
+    import hashlib
+
+    digest = hashlib.sha256(f"{seed}/{key}/{task}".encode()).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+    return torch.rand(shape, generator=generator) >= p
+
+
+def test_dare_masks_follow_their_seed_rule_per_key_and_task(models):
+    base, finetuned = models
+    merged = merge("dare", base, finetuned[:2], p=0.4, seed=9, scale=1.0, rescale=False)
+    taus = [m[MATRIX] - base[MATRIX] for m in finetuned[:2]]
+    masks = [_dare_mask(9, MATRIX, t, taus[t].shape, 0.4) for t in range(2)]
+    expected = base[MATRIX] + taus[0] * masks[0] + taus[1] * masks[1]  # not rescaled
+    torch.testing.assert_close(merged[MATRIX], expected, atol=1e-6, rtol=0)
+    other = "visual.transformer.resblocks.1.mlp.c_fc.weight"
+    assert not torch.equal(masks[0], masks[1])  # tasks draw their own masks
+    assert not torch.equal(masks[0], _dare_mask(9, other, 0, taus[0].shape, 0.4))
+
+
+@pytest.mark.parametrize("center", ["base", "average"])
+def test_dare_with_ties_trims_what_survived_the_drop(models, center):
+    base, finetuned = models
+    p, density = 0.4, 0.3
+    origin = merge("average", None, finetuned) if center == "average" else base
+    dropped = [
+        {k: (m[k] - origin[k]) * _dare_mask(3, k, t, origin[k].shape, p) / (1 - p) for k in origin}
+        for t, m in enumerate(finetuned)
+    ]
+    expected = _ties_over_the_flattened_model(origin, None, density, "mean", 0.7, dropped)
+    merged = merge(
+        "dare",
+        base,
+        finetuned,
+        p=p,
+        seed=3,
+        combine="ties",
+        density=density,
+        scale=0.7,
+        center=center,
+    )
+    assert_states_close(merged, expected, atol=1e-5)
+
+
+def test_ties_keeps_the_entry_at_its_threshold():
+    # d = 10 entries at density 0.9: int(d · density) = 9 kept by the count, and the entry at
+    # the threshold (the smallest) kept too, as the reference code's kthvalue rule does
+    base = {"w": torch.zeros(10)}
+    finetuned = [{"w": torch.arange(1.0, 11.0)}]
+    merged = merge("ties", base, finetuned, density=0.9, scale=1.0)
+    expected = _ties_over_the_flattened_model(base, finetuned, 0.9, "mean", 1.0)
+    torch.testing.assert_close(merged["w"], expected["w"])
+    assert bool((merged["w"] != 0).all())
+
+
 # --- TSV-M ----------------------------------------------------------------------------
 
 
@@ -173,6 +287,18 @@ def test_tsv_m_adds_tasks_in_orthogonal_subspaces_without_interference(models):
 
 
 # --- Iso-C / Iso-CTS ------------------------------------------------------------------
+
+
+def test_tsv_m_leaves_a_matrix_with_fewer_directions_than_tasks_at_its_origin():
+    # min(m, n) = 2 < T = 3: no task gets a singular direction (k = 0), as in TSV's code
+    base = {"w": torch.zeros(2, 6), "b": torch.zeros(6)}
+    gen = torch.Generator().manual_seed(0)
+    finetuned = [
+        {k: torch.randn(v.shape, generator=gen) for k, v in base.items()} for _ in range(3)
+    ]
+    merged = merge("tsv_m", base, finetuned, scale=1.0)
+    assert torch.equal(merged["w"], base["w"])
+    torch.testing.assert_close(merged["b"], sum(m["b"] for m in finetuned) / 3)
 
 
 def test_iso_c_flattens_the_spectrum(models):
@@ -228,6 +354,34 @@ def test_tall_masks_rejects_a_task_out_of_range(models):
     base, finetuned = models
     with pytest.raises(ParameterError, match="task 9 is out of range for 4"):
         merge("tall_masks", base, finetuned, task=9)
+
+
+def test_tall_masks_and_consensus_at_their_boundaries():
+    """m_t = |τ_t| > λ|τ_MTL − τ_t| is strict (as the paper's code writes it): entry 0 has
+    |τ_t| equal to λ|τ_MTL − τ_t| for both tasks; entry 1 is needed by task 0 alone.
+    Consensus keeps what at least k tasks need (k included)."""
+    base = {"w": torch.zeros(2)}
+    finetuned = [{"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([1.0, 0.5])}]
+    kept = torch.tensor([0.0, 2.5])  # where the mask holds, τ_MTL
+    tall = merge("tall_masks", base, finetuned, task=0, mask_lambda=1.0)
+    torch.testing.assert_close(tall["w"], kept)
+    torch.testing.assert_close(
+        merge("tall_masks", base, finetuned, task=1, mask_lambda=1.0)["w"], torch.zeros(2)
+    )
+    consensus = merge("consensus", base, finetuned, k=1, mask_lambda=1.0, scale=1.0)
+    torch.testing.assert_close(consensus["w"], kept)
+    none = merge("consensus", base, finetuned, k=2, mask_lambda=1.0, scale=1.0)
+    torch.testing.assert_close(none["w"], torch.zeros(2))
+
+
+def test_tall_masks_centered_start_from_the_average(models):
+    _, finetuned = models
+    averaged = merge("average", None, finetuned)
+    assert_states_close(
+        merge("tall_masks", None, finetuned, task=1, center="average"),
+        merge("tall_masks", averaged, finetuned, task=1, center="base"),
+        atol=1e-6,
+    )
 
 
 # --- PCB ------------------------------------------------------------------------------
@@ -323,6 +477,34 @@ def test_cart_by_energy_picks_a_rank_per_matrix_and_task(models):
         low.merge(energy=0.99, device="cpu")
 
 
+def test_cart_indexed_by_energy_keeps_the_fewest_triplets_holding_that_share(models):
+    _, finetuned = models
+    merged = merge("cart_indexed", None, finetuned, task=2, energy=0.6)
+    average = {k: sum(m[k] for m in finetuned) / len(finetuned) for k in finetuned[0]}
+    tau = finetuned[2][MATRIX] - average[MATRIX]
+    u, s, vh = torch.linalg.svd(tau, full_matrices=False)
+    share = torch.cumsum(s**2, 0) / (s**2).sum()
+    k = int((share < 0.6).sum()) + 1  # the first rank whose share reaches 0.6
+    assert 1 < k < s.numel()  # a case where the rule decides something
+    expected = average[MATRIX] + u[:, :k] @ torch.diag(s[:k]) @ vh[:k]
+    torch.testing.assert_close(merged[MATRIX], expected, atol=1e-5, rtol=0)
+    one_less = average[MATRIX] + u[:, : k - 1] @ torch.diag(s[: k - 1]) @ vh[: k - 1]
+    assert (merged[MATRIX] - one_less).abs().max() > 1e-3
+    # tensors it does not select come back exactly as the task's
+    bias = "visual.ln_pre.bias"
+    torch.testing.assert_close(merged[bias], finetuned[2][bias], atol=1e-6, rtol=0)
+
+
+def test_cart_indexed_rejects_a_task_out_of_range(models):
+    _, finetuned = models
+    with pytest.raises(
+        ParameterError,
+        match=r"^method 'cart_indexed': task 4 is out of range for 4 fine-tuned "
+        r"checkpoints \(0-based\)$",
+    ):
+        merge("cart_indexed", None, finetuned, task=4)
+
+
 def test_cart_index_at_full_rank_rebuilds_every_model(models, tmp_path):
     _, finetuned = models
     index = CartIndex.build(readers(finetuned), ["a", "b", "c", "d"], rank_ratio=1.0, device="cpu")
@@ -366,6 +548,45 @@ def test_every_method_names_its_paper_and_validates_its_parameters():
         assert method.reference and method.summary
         with pytest.raises(ParameterError, match=f"method {method.name!r} has no parameter"):
             method.parse_params({"task": 0, "no_such_parameter": 1})
+
+
+def test_a_method_describes_each_parameter_with_its_default():
+    described = METHODS["ties"].describe_params().split(", ")
+    assert described[:3] == [
+        "center (default 'base')",
+        "density (default 0.2)",
+        "scale (default 1.0)",
+    ]
+    assert "aggregate (default 'mean')" in described
+    assert "task (required)" in METHODS["cart_indexed"].describe_params().split(", ")
+    assert METHODS["average"].describe_params() == "no parameters"
+
+
+def test_a_low_rank_selection_describes_its_rule():
+    from mergeflow.methods.cart import CartParams
+    from mergeflow.methods.tsv import TsvParams
+
+    assert CartParams().describe_rule() == "the architecture's matrices"
+    assert CartParams(include=["attn"], exclude=["ln", "proj"]).describe_rule() == (
+        "include attn, exclude ln,proj"
+    )
+    assert TsvParams().describe_rule() == "every matrix"
+    two = CartParams(include=["attn", "mlp"], exclude=["c_fc"])
+    assert two.describe_rule() == "include attn,mlp, exclude c_fc"
+    assert not two.selects(MATRIX, (64, 32))  # excluded, though "mlp" includes it
+    assert two.selects(MATRIX.replace("c_fc", "c_proj"), (32, 64))
+    assert not two.selects("visual.transformer.resblocks.0.mlp.c_proj.bias", (32,))
+
+
+def test_a_data_aware_method_is_refused_outside_a_pipeline():
+    from mergeflow.methods import get_method
+
+    with pytest.raises(ParameterError) as refused:
+        get_method("adamerging")
+    assert str(refused.value) == (
+        "method 'adamerging' needs samples of each task: run it from a pipeline spec "
+        "(as a baseline or a grid family)"
+    )
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a CPU-only machine")

@@ -24,12 +24,12 @@ ROOT = Path(__file__).resolve().parent.parent
 # --- the registry's lifecycle -------------------------------------------------------------
 
 
-def _register(name, score, key, data, rescore=None):
+def _register(name, score, key, data, rescore=None, weights=None):
     mlflow.set_experiment("registry-lifecycle")  # not whatever an earlier test left active
     return registry.register_merged_model(
         name=name,
         model_config="mergeflow-tiny-vit",
-        weights=tiny_tower_state(),
+        weights=tiny_tower_state() if weights is None else weights,
         heads={"a": torch.randn(2, 16)},
         classes={"a": ("x", "y")},
         score=score,
@@ -112,6 +112,27 @@ def test_promoting_takes_a_strictly_higher_score(tracking):
     assert str(client.get_model_version_by_alias("p", "champion").version) == "1"
     assert registry.promote(client, "p", "2", 0.5001, 0.5) is True
     assert str(client.get_model_version_by_alias("p", "champion").version) == "2"
+
+
+def test_versions_resolve_by_alias_and_number_and_load_as_registered(tracking):
+    from mergeflow.models import create_model
+
+    torch.manual_seed(5)
+    expected = {k: v.clone() for k, v in create_model("mergeflow-tiny-vit").state_dict().items()}
+    _register("r", 0.5, "r1", "data-1", weights=expected)
+    _register("r", 0.4, "r2", "data-1")
+    assert registry.resolve_version("r", "champion") == "1"
+    assert registry.resolve_version("r", "challenger") == "2"
+    assert registry.resolve_version("r", "2") == "2"
+    assert registry.resolve_version("r", "no-such-alias", missing_ok=True) is None
+    with pytest.raises(LookupError, match="registered model 'r' has no version '9'"):
+        registry.resolve_version("r", "9")
+    model = registry.load_registered_model("models:/r@champion")
+    weights = model.model.state_dict()
+    assert weights.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(weights[key], expected[key], msg=key)
+    assert model.classes == {"a": ("x", "y")}
 
 
 def test_a_registration_interrupted_before_its_aliases_is_completed_by_the_retry(tracking):

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 import yaml
+from conftest import order_statistics_of
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mergeflow.errors import MergeflowError, StateDictMismatchError
-from mergeflow.order_stats import OrderStatistics
 from mergeflow.spec import MergeSpec
 from mergeflow.statedict import add, difference, mean, scale
 
@@ -93,13 +93,7 @@ def test_streamed_order_statistics_equal_a_sort(chunks, data):
     tensors = [torch.tensor(c, dtype=torch.float32) for c in chunks]
     everything = torch.sort(torch.cat(tensors)).values
     ranks = data.draw(st.lists(st.integers(0, len(everything) - 1), min_size=1, max_size=4))
-    stats = OrderStatistics()
-    for t in tensors:
-        stats.observe(t)
-    stats.next_pass(ranks)
-    for t in tensors:
-        stats.observe(t)
-    for rank, value in zip(ranks, stats.values(), strict=True):
+    for rank, value in zip(ranks, order_statistics_of(tensors, ranks), strict=True):
         expected = everything[rank].item()
         assert value == expected or (value == 0 and expected == 0)  # ±0 sort as equals
 

@@ -33,6 +33,23 @@ def test_write_then_read_back(tower, bucket, cache):
         assert_same(reader.to_state_dict(), tower)
 
 
+def test_digests_are_the_sha256_of_the_bytes_local_or_fetched(tower, bucket, cache, tmp_path):
+    import hashlib
+
+    local = tmp_path / "tower.safetensors"
+    save_state_dict(tower, local)
+    expected = hashlib.sha256(local.read_bytes()).hexdigest()
+    copy = cache.fetch(local)
+    assert copy.sha256 is None and copy.path == local  # a local file is read in place
+    assert copy.digest() == expected
+    uri = f"s3://{bucket}/digest/tower.safetensors"
+    boto3.client("s3").put_object(
+        Bucket=bucket, Key="digest/tower.safetensors", Body=local.read_bytes()
+    )
+    fetched = cache.fetch(uri)
+    assert fetched.sha256 == fetched.digest() == expected
+
+
 def test_second_fetch_transfers_no_bytes(tower, bucket, cache, monkeypatch):
     uri = f"s3://{bucket}/tower.safetensors"
     save_state_dict(tower, uri)
@@ -48,6 +65,8 @@ def test_second_fetch_transfers_no_bytes(tower, bucket, cache, monkeypatch):
     monkeypatch.setattr(s3fs.S3FileSystem, "_get_file", no_download)
     second = cache.fetch(uri)
     assert second.from_cache and second.path == first.path and second.sha256 == first.sha256
+    assert (second.uri, second.size, second.etag) == (uri, first.size, first.etag)
+    assert second.path.name == "tower.safetensors"  # the object's own name, for readers
     assert_same(load_state_dict(uri, cache), tower)
 
 
@@ -60,6 +79,36 @@ def test_changed_object_is_fetched_again(tower, bucket, cache):
     second = cache.fetch(uri)
     assert not second.from_cache and second.etag != first.etag
     assert_same(load_state_dict(uri, cache), changed)
+
+
+def test_a_cache_entry_whose_file_is_gone_is_fetched_again(tower, bucket, cache):
+    uri = f"s3://{bucket}/gone.safetensors"
+    save_state_dict(tower, uri)
+    first = cache.fetch(uri)
+    first.path.unlink()  # its entry.json stays
+    second = cache.fetch(uri)
+    assert not second.from_cache and second.sha256 == first.sha256
+
+
+def test_local_files_are_read_in_place_and_folders_refused(tower, cache, tmp_path):
+    from mergeflow.storage import NotAFileError
+
+    path = tmp_path / "tower.safetensors"
+    save_state_dict(tower, path)
+    copy = cache.fetch(path)
+    assert (copy.path, copy.size, copy.from_cache) == (path, path.stat().st_size, False)
+    with pytest.raises(NotAFileError, match=f"^{tmp_path}: is a folder, not a file$"):
+        cache.fetch(tmp_path)
+    with pytest.raises(CheckpointError, match="no-such.safetensors: no such file$"):
+        cache.fetch(tmp_path / "no-such.safetensors")
+
+
+def test_etags_are_read_unquoted_whatever_the_filesystem_calls_them():
+    from mergeflow.storage import _etag_of
+
+    assert _etag_of({"ETag": '"abc"'}) == "abc"
+    assert _etag_of({"etag": '"def"'}) == "def"  # fsspec stores other than s3fs
+    assert _etag_of({"size": 3}) is None
 
 
 def test_corrupted_cache_entry_is_fetched_again(tower, bucket, cache):
@@ -148,7 +197,7 @@ class _CorruptingProxy:
     it passes on (``mangle(body, first byte, object size)``), as a faulty network path
     might."""
 
-    def __init__(self, upstream: str, mangle=_flip_a_bit):
+    def __init__(self, upstream: str, mangle=_flip_a_bit, header=None, extra_headers=None):
         import http.client
         import threading
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -161,7 +210,11 @@ class _CorruptingProxy:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
                 connection = http.client.HTTPConnection(target.hostname, target.port)
-                connection.request(self.command, self.path, body, dict(self.headers))
+                sent = dict(self.headers)
+                if header is not None:
+                    # the client asks for the ETag this hop made up; the server knows its own
+                    sent = {k: v for k, v in sent.items() if k.lower() != "if-match"}
+                connection.request(self.command, self.path, body, sent)
                 reply = connection.getresponse()
                 data = bytearray(reply.read())
                 if self.command == "GET" and reply.status in (200, 206):
@@ -180,7 +233,9 @@ class _CorruptingProxy:
                     if lower not in ("transfer-encoding", "connection") and not lower.startswith(
                         "x-amz-checksum"
                     ):
-                        self.send_header(name, value)
+                        self.send_header(*(header(name, value) if header else (name, value)))
+                for name, value in (extra_headers or {}).items():
+                    self.send_header(name, value)
                 if self.command != "HEAD":
                     self.send_header("Content-Length", str(len(data)))
                     if reply.status == 206:
@@ -227,6 +282,35 @@ def test_a_download_that_does_not_match_its_md5_etag_is_refused(
     assert not [p for p in entries if p.is_file()]  # nothing kept from the bad download
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
     assert_same(load_state_dict(uri, cache), tower)
+    assert len([p for p in (cache.root / "objects").rglob("*.safetensors") if p.is_file()]) == 1
+
+
+def test_a_kms_encrypted_object_is_not_checked_against_its_etag(
+    tower, bucket, cache, s3_endpoint, monkeypatch
+):
+    # S3 gives SSE-KMS objects an ETag that is not the MD5 of their bytes: checking it would
+    # refuse every such object; the SHA-256 computed while downloading still identifies it
+    uri = f"s3://{bucket}/kms.safetensors"
+    save_state_dict(tower, uri)
+
+    def as_kms(name, value):
+        if name.lower() == "etag":
+            return "ETag", '"0123456789abcdef0123456789abcdef"'
+        return name, value
+
+    proxy = _CorruptingProxy(
+        s3_endpoint,
+        mangle=lambda data, first, total: data,
+        header=as_kms,
+        extra_headers={"x-amz-server-side-encryption": "aws:kms"},
+    )
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        copy = cache.fetch(uri)
+    finally:
+        proxy.close()
+    assert copy.etag == "0123456789abcdef0123456789abcdef"
+    assert_same(load_state_dict(copy.path), tower)
 
 
 def test_a_short_download_of_a_multipart_object_is_refused(bucket, cache, s3_endpoint, monkeypatch):
