@@ -67,7 +67,152 @@ CPU_ONLY = "a device argument: the same on a machine without CUDA (the CUDA test
 STRICT_ZIP = "zip's strict=: the sequences have one length by construction"
 SLICED_LATER = "computes more singular triplets or full matrices; the caller slices to k"
 SAME_DEFAULT = "an argument equal to the callee's default (cat's dim 0, the same dtype)"
-EQUIVALENT: dict[str, str] = {}
+BROADCAST = "keepdim only changes a shape that broadcasting makes the same"
+
+
+def _each(prefix: str, numbers: str, reason: str) -> dict[str, str]:
+    return {f"mergeflow.{prefix}__mutmut_{n}": reason for n in numbers.split()}
+
+
+EQUIVALENT: dict[str, str] = {
+    **_each("cart_grid.xǁCartFactorsǁfactorize", "22 23 37 59", CPU_ONLY),
+    **_each("cart_grid.xǁCartFactorsǁmerge", "15 16 33 42", CPU_ONLY),
+    **_each("methods.task_vectors.x_random_drop", "23", CPU_ONLY),
+    **_each("methods.pcb.x__column", "10 13", CPU_ONLY),
+    **_each("svd.x_resolve_device", "9 11 12 27 28", CPU_ONLY),
+    **_each("svd.xǁFactorsǁto", "7 8 9", CPU_ONLY),
+    **_each("cart_grid.xǁCartFactorsǁenergy_ranks", "4 7 8", STRICT_ZIP),
+    **_each("methods.task_vectors.x_magnitude_trim", "5 8 9", STRICT_ZIP),
+    **_each("order_stats.xǁOrderStatisticsǁobserve", "20 23 24", STRICT_ZIP),
+    **_each("order_stats.xǁOrderStatisticsǁvalues", "10 14 15", STRICT_ZIP),
+    **_each("order_stats.x_per_task_order_statistics", "8 11 12", STRICT_ZIP),
+    **_each("svd.x_low_rank_sum", "12 15 16 26 29 30 40 43 44", STRICT_ZIP),
+    **_each("methods.cart.x_merge_tensor", "11 38", SLICED_LATER),
+    **_each("methods.cart_indexed.x_factorize_task_vector", "12", SLICED_LATER),
+    **_each("methods.iso.x_isotropic_common_and_specific", "19 24 34 35", SLICED_LATER),
+    **_each("svd.x_truncated_svd", "11 12 23 24", SLICED_LATER),
+    **_each("methods.iso.x_isotropic_common_and_specific", "52", SAME_DEFAULT),
+    **_each("methods.tsv.x_merge_task_singular_vectors", "27", SAME_DEFAULT),
+    **_each("methods.pcb.x__column", "9 12", SAME_DEFAULT),
+    **_each("svd.x_low_rank_sum", "36", SAME_DEFAULT),
+    **_each("storage.xǁCheckpointCacheǁ_download", "30", SAME_DEFAULT),
+    **_each("methods.pcb.x__competition", "31 33", BROADCAST),
+    **_each(
+        "cart_grid.xǁCartFactorsǁmerge",
+        "9",
+        "the grid point's scale is validated as a number only: 1.0 passes where it passes",
+    ),
+    **_each(
+        "methods.dare.x_merge_tensor",
+        "19 26 27",
+        "elect_and_merge takes every aggregate but 'sum' as the mean",
+    ),
+    **_each(
+        "methods.iso.x_isotropic_common_and_specific",
+        "4",
+        "every task vector of a key has one shape",
+    ),
+    **_each(
+        "methods.tsv.x_merge_task_singular_vectors",
+        "9",
+        "every task vector of a key has one shape",
+    ),
+    **_each(
+        "methods.pcb.x_prepare",
+        "23",
+        "differs only on a model of fewer than 4 entries (clip < 0.5)",
+    ),
+    **_each(
+        "methods.pcb.x_prepare",
+        "58",
+        "differs only at ratio 0, which the parameters refuse",
+    ),
+    **_each(
+        "methods.pcb.x_prepare",
+        "59",
+        "not equivalent, untested: differs only at ratio ≤ 1/d, where a task keeps less "
+        "than one entry (both give a degenerate merge)",
+    ),
+    **_each(
+        "methods.task_vectors.x__generator_seed",
+        "8 12 13 14",
+        "torch's CPU generator (mt19937) keeps the low 32 bits of a seed",
+    ),
+    **_each(
+        "methods.task_vectors.x_random_drop",
+        "3",
+        "p = 1 is refused by the parameters; at p = 0 the drop keeps every entry anyway",
+    ),
+    **_each(
+        "methods.task_vectors.x_random_drop",
+        "20",
+        "a uniform draw exactly equal to p (about 2⁻²⁴ per entry)",
+    ),
+    **_each(
+        "methods.task_vectors.x_elect_and_merge",
+        "15 16 22",
+        "only the sign of the elected value is used",
+    ),
+    **_each(
+        "methods.task_vectors.x_trim_thresholds",
+        "1 2",
+        "at density 1 the threshold is the smallest magnitude, which keeps every entry "
+        "(the same merge, two passes slower)",
+    ),
+    **_each(
+        "order_stats.xǁOrderStatisticsǁ__init__",
+        "1",
+        "ranks is set by next_pass before anything reads it",
+    ),
+    **_each(
+        "order_stats.x_per_task_order_statistics",
+        "1 3",
+        "None is as empty as [] to `if not stats`; only pass 1 is told apart by number",
+    ),
+    **_each(
+        "order_stats.xǁOrderStatisticsǁnext_pass",
+        "31 35",
+        "bucket 0 holds only negative NaNs, which callers refuse",
+    ),
+    **_each(
+        "statedict.x__combine",
+        "8",
+        "torch's CPU arithmetic on half-precision tensors runs in float32 and rounds once",
+    ),
+    **_each(
+        "storage.x_file_sha256",
+        "13",
+        "reads the file in one piece instead of chunks: the same digest",
+    ),
+    **_each("storage.x__etag_of", "13", "also strips X, which no (hexadecimal) ETag holds"),
+    **_each(
+        "storage.xǁCheckpointCacheǁ_download",
+        "12 14",
+        "the partial file in the system's temporary folder: the same where that shares a "
+        "filesystem with the cache (here); elsewhere the rename fails loudly",
+    ),
+    **_each("storage.xǁCheckpointCacheǁ_download", "13 15 16 17", "the partial file's name"),
+    **_each(
+        "storage.xǁCheckpointCacheǁ_download",
+        "75 76 77 78",
+        "entry.json's uri and etag are for people: nothing reads them back",
+    ),
+    **_each(
+        "svd.x_energy_rank",
+        "9",
+        "a zero total gives rank 1 either way (every cumulative sum reaches 0)",
+    ),
+    **_each(
+        "svd.x_energy_rank",
+        "18",
+        "the 1e-12 slack under the target leaves ≥ and > apart only on exact ties",
+    ),
+    **_each(
+        "svd.x_truncated_svd",
+        "6",
+        "a square matrix through its transpose: the same best rank-k approximation",
+    ),
+}
 
 
 def in_scope(name: str) -> bool:

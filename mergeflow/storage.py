@@ -144,16 +144,14 @@ def _remote_info(fs: fsspec.AbstractFileSystem, path: str, uri: str) -> dict:
 def _etag_is_not_an_md5(fs: fsspec.AbstractFileSystem, rpath: str) -> bool:
     """Whether S3 made this object's ETag from something other than the MD5 of its bytes:
     objects encrypted with SSE-KMS or a customer key (SSE-C). s3fs's ``info`` drops the
-    encryption headers, so they are asked for, only when an ETag did not match."""
-    call = getattr(fs, "call_s3", None)
-    if call is None:
+    encryption headers, so they are asked for, only when an ETag did not match; a store
+    that is not S3 has no such objects."""
+    if not hasattr(fs, "call_s3"):
         return False
-    bucket, key, version = fs.split_path(rpath)
-    head = call(
-        "head_object", Bucket=bucket, Key=key, **({"VersionId": version} if version else {})
-    )
-    encryption = str(head.get("ServerSideEncryption", ""))
-    return encryption.startswith("aws:kms") or bool(head.get("SSECustomerAlgorithm"))
+    bucket, key, _ = fs.split_path(rpath)
+    head = fs.call_s3("head_object", Bucket=bucket, Key=key)
+    kms = str(head.get("ServerSideEncryption")).startswith("aws:kms")
+    return kms or "SSECustomerAlgorithm" in head
 
 
 def _etag_of(info: dict) -> str | None:

@@ -143,18 +143,20 @@ def test_grid_refuses_ranks_it_did_not_factorize(family):
     )
     with pytest.raises(ParameterError, match="rank_ratio"):
         factors.merge(0.0)
-    with pytest.raises(ParameterError, match="energy"):
+    with pytest.raises(ParameterError, match=r"parameter 'energy': .* less than or equal to 1"):
         factors.merge(energy=1.5)
+    with pytest.raises(ParameterError, match=r"parameter 'rank_ratio': .* less than or equal to 1"):
+        CartFactors.factorize(tuned, max_rank_ratio=1.5)
 
 
 def test_grid_defaults_are_full_factorization_and_cart_s_own_point(family):
     _, tuned = family
-    factors = CartFactors.factorize(tuned, device="cpu")  # every rank: up to min(m, n)
+    factors = CartFactors.factorize(tuned)  # every rank, on CUDA when there is one
     assert factors.max_rank_ratio == 1.0
     averaged = mean(tuned)
     for key, value in factors.merge(1.0, device="cpu").items():
         torch.testing.assert_close(value, averaged[key], atol=2e-5, rtol=0, msg=key)
-    defaults = factors.merge(device="cpu")
+    defaults = factors.merge()
     for key, value in cart(tuned).items():  # CART's own defaults: rank 0.12, λ 1
         torch.testing.assert_close(defaults[key], value, atol=1e-6, rtol=0, msg=key)
     assert factors.params(0.1).scale == 1.0
@@ -188,16 +190,23 @@ def test_grid_energy_may_use_every_factorized_triplet(family):
     ]
     assert any(full)
     factors.merge(energy=held * (1 - 1e-9), device="cpu")
-    with pytest.raises(ParameterError, match="needs more than the .* factorized"):
+    with pytest.raises(
+        ParameterError,
+        match=r"^energy .* at '.*' needs more than the \d+ factorized singular triplets; "
+        r"factorize with a larger max_rank_ratio$",
+    ):
         factors.merge(energy=min(1.0, held * 1.01), device="cpu")
 
 
-def test_grid_keeps_integer_buffers_as_they_are(family):
+def test_grid_keeps_integer_buffers_as_the_first_model_holds_them(family, capsys):
     _, tuned = family
-    with_buffer = [{**t, "visual.position_ids": torch.arange(5)} for t in tuned]
+    # the buffer first, and each model's its own: it comes from the first, never averaged
+    with_buffer = [{"visual.position_ids": torch.arange(5) + t, **m} for t, m in enumerate(tuned)]
     factors = CartFactors.factorize(with_buffer, max_rank_ratio=0.25, device="cpu")
+    assert set(factors.factors) == set(CartFactors.factorize(tuned, 0.25, device="cpu").factors)
     for merged in (factors.merge(0.1, device="cpu"), factors.merge(energy=0.3, device="cpu")):
         assert torch.equal(merged["visual.position_ids"], torch.arange(5))
+    assert capsys.readouterr().err == ""  # no progress bar unless asked for
 
 
 def test_factors_round_trip_through_a_file(family, tmp_path):

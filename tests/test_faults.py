@@ -419,7 +419,8 @@ class TestS3Faults:
             servers[-1].stop()
         assert len(failures) == 1 and len(downloads) == 2  # one failed attempt, one retry
         assert isinstance(failures[0], CheckpointError) and failures[0].transient
-        assert uri in str(failures[0])
+        cause = type(failures[0].__cause__).__name__  # what the client raised, named
+        assert f"{uri}: download failed: {cause}: " in str(failures[0])
         assert leftovers == []  # the failed attempt left no partial file and no entry
         assert fetched["sha256"] == expected == file_sha256(fetched["path"])
 

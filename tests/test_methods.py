@@ -61,7 +61,7 @@ def test_streamed_order_statistics_equal_a_sort(seed):
 
 def test_order_statistics_at_the_ends_of_the_float_range_and_in_half_precision():
     values = torch.tensor([float("-inf"), -3.0e38, -1.0, 0.0, 2.0, 3.0e38, float("inf")])
-    assert order_statistics_of([values], list(range(7))) == values.tolist()  # bucket 0 holds -inf
+    assert order_statistics_of([values], list(range(7))) == values.tolist()
     half = torch.tensor([0.5, -2.0, 1.5, 0.25], dtype=torch.bfloat16)
     assert order_statistics_of([half], [0, 1, 2, 3]) == [-2.0, 0.25, 0.5, 1.5]
 
@@ -197,6 +197,23 @@ def test_dare_with_ties_and_no_drop_is_ties(models):
         merge("dare", base, finetuned, p=0.0, combine="ties", density=0.3, scale=0.8),
         merge("ties", base, finetuned, density=0.3, scale=0.8),
     )
+
+
+def test_task_vectors_from_the_base_need_it():
+    from mergeflow.methods.task_vectors import origin_and_vectors
+
+    with pytest.raises(ValueError, match="^task vectors from the base need the base tensor$"):
+        origin_and_vectors([torch.zeros(2)], None, "base")
+
+
+def test_random_drop_rescales_unless_told_not_to():
+    from mergeflow.methods.task_vectors import random_drop
+
+    tau = torch.ones(1000)
+    (rescaled,) = random_drop("k", [tau], p=0.5, seed=1)
+    assert set(rescaled.unique().tolist()) == {0.0, 2.0}
+    (kept,) = random_drop("k", [tau], p=0.5, seed=1, rescale=False)
+    assert torch.equal(kept * 2, rescaled)
 
 
 def _dare_mask(seed, key, task, shape, p):
@@ -352,7 +369,7 @@ def test_consensus_bounds(models):
 
 def test_tall_masks_rejects_a_task_out_of_range(models):
     base, finetuned = models
-    with pytest.raises(ParameterError, match="task 9 is out of range for 4"):
+    with pytest.raises(ParameterError, match="^method 'tall_masks': task 9 is out of range for 4"):
         merge("tall_masks", base, finetuned, task=9)
 
 
@@ -550,6 +567,29 @@ def test_every_method_names_its_paper_and_validates_its_parameters():
             method.parse_params({"task": 0, "no_such_parameter": 1})
 
 
+def test_parameter_errors_name_the_field_its_value_and_what_a_method_takes():
+    from mergeflow.data_aware import DATA_AWARE
+    from mergeflow.methods import find_method
+
+    with pytest.raises(ParameterError) as nested:
+        METHODS["cart"].parse_params({"include": ["attn", 3]})
+    assert str(nested.value) == (
+        "method 'cart', parameter 'include.1': Input should be a valid string (got 3)"
+    )
+    with pytest.raises(ParameterError) as none:
+        METHODS["average"].parse_params({"scale": 2})
+    assert str(none.value) == "method 'average' has no parameter 'scale' (it takes: none)"
+    with pytest.raises(ParameterError) as some:
+        METHODS["task_arithmetic"].parse_params({"density": 0.2})
+    assert str(some.value) == (
+        "method 'task_arithmetic' has no parameter 'density' (it takes: center, scale)"
+    )
+    with pytest.raises(ParameterError) as unknown:
+        find_method("slerp")
+    known = ", ".join(sorted([*METHODS, *DATA_AWARE]))
+    assert str(unknown.value) == f"unknown merge method 'slerp' (known: {known})"
+
+
 def test_a_method_describes_each_parameter_with_its_default():
     described = METHODS["ties"].describe_params().split(", ")
     assert described[:3] == [
@@ -578,7 +618,7 @@ def test_a_low_rank_selection_describes_its_rule():
     assert not two.selects("visual.transformer.resblocks.0.mlp.c_proj.bias", (32,))
 
 
-def test_a_data_aware_method_is_refused_outside_a_pipeline():
+def test_a_data_aware_method_is_refused_without_samples():
     from mergeflow.methods import get_method
 
     with pytest.raises(ParameterError) as refused:

@@ -58,7 +58,7 @@ def test_registration_is_idempotent_and_champion_moves_only_on_the_same_data(tra
 
     # a worse model on the same data is a challenger; the champion stays
     worse = _register("m", 0.4, "k2", "data-1")
-    assert (worse.version, worse.aliases) == ("2", ("challenger",))
+    assert (worse.version, worse.aliases, worse.previous_champion) == ("2", ("challenger",), "1")
     assert champion() == "1"
 
     # a higher score on other data does not count: the champion is rescored on that data

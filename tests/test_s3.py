@@ -103,12 +103,15 @@ def test_local_files_are_read_in_place_and_folders_refused(tower, cache, tmp_pat
         cache.fetch(tmp_path / "no-such.safetensors")
 
 
-def test_etags_are_read_unquoted_whatever_the_filesystem_calls_them():
-    from mergeflow.storage import _etag_of
+def test_etags_are_read_unquoted_whatever_the_filesystem_calls_them(tmp_path):
+    import fsspec
+
+    from mergeflow.storage import _etag_is_not_an_md5, _etag_of
 
     assert _etag_of({"ETag": '"abc"'}) == "abc"
     assert _etag_of({"etag": '"def"'}) == "def"  # fsspec stores other than s3fs
     assert _etag_of({"size": 3}) is None
+    assert _etag_is_not_an_md5(fsspec.filesystem("file"), str(tmp_path)) is False  # not S3
 
 
 def test_corrupted_cache_entry_is_fetched_again(tower, bucket, cache):
@@ -285,12 +288,21 @@ def test_a_download_that_does_not_match_its_md5_etag_is_refused(
     assert len([p for p in (cache.root / "objects").rglob("*.safetensors") if p.is_file()]) == 1
 
 
-def test_a_kms_encrypted_object_is_not_checked_against_its_etag(
-    tower, bucket, cache, s3_endpoint, monkeypatch
+@pytest.mark.parametrize(
+    "encryption",
+    [
+        {"x-amz-server-side-encryption": "aws:kms"},
+        {"x-amz-server-side-encryption-customer-algorithm": "AES256"},
+    ],
+    ids=["sse-kms", "sse-c"],
+)
+def test_an_encrypted_object_is_not_checked_against_its_etag(
+    tower, bucket, cache, s3_endpoint, monkeypatch, encryption
 ):
-    # S3 gives SSE-KMS objects an ETag that is not the MD5 of their bytes: checking it would
-    # refuse every such object; the SHA-256 computed while downloading still identifies it
-    uri = f"s3://{bucket}/kms.safetensors"
+    # S3 gives SSE-KMS and SSE-C objects an ETag that is not the MD5 of their bytes: checking
+    # it would refuse every such object; the SHA-256 computed while downloading still
+    # identifies it
+    uri = f"s3://{bucket}/encrypted.safetensors"
     save_state_dict(tower, uri)
 
     def as_kms(name, value):
@@ -302,7 +314,7 @@ def test_a_kms_encrypted_object_is_not_checked_against_its_etag(
         s3_endpoint,
         mangle=lambda data, first, total: data,
         header=as_kms,
-        extra_headers={"x-amz-server-side-encryption": "aws:kms"},
+        extra_headers=encryption,
     )
     try:
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
@@ -341,3 +353,17 @@ def test_a_short_download_of_a_multipart_object_is_refused(bucket, cache, s3_end
         proxy.close()
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
     assert_same(load_state_dict(uri, cache), big)
+
+
+def test_cart_factors_load_from_s3_into_the_given_cache(tower, bucket, cache):
+    from conftest import finetune_like
+
+    from mergeflow.cart_grid import CartFactors
+
+    factors = CartFactors.factorize(finetune_like(tower, 2), max_rank_ratio=0.25, device="cpu")
+    uri = f"s3://{bucket}/grid/factors.safetensors"
+    factors.save(uri)
+    loaded = CartFactors.load(uri, cache)
+    assert len(list((cache.root / "objects").rglob("factors.safetensors"))) == 1
+    a, b = factors.merge(0.2, device="cpu"), loaded.merge(0.2, device="cpu")
+    assert all(torch.equal(a[k], b[k]) for k in a)
