@@ -48,8 +48,9 @@ bench: setup
 bench-memory: setup
 	$(PY) bench/memory.py
 
-# mutmut over the core against its fast tests (pyproject.toml [tool.mutmut]); prints the
-# share of mutants caught per module and the survivors. Hours on 2 cores (see README);
+# mutmut over the core's scope (bench/mutation.py) against its fast tests; prints the share
+# of mutants caught per module, the equivalent survivors' reasons and any other survivor's
+# diff. About 20 minutes on 2 cores (README, "Mutation testing");
 # `$(PY) bench/mutation.py --report` reads the last run again.
 mutation: setup
 	$(PY) bench/mutation.py
