@@ -29,6 +29,7 @@ from mergeflow.checkpoints import (
     save_state_dict,
 )
 from mergeflow.errors import ParameterError
+from mergeflow.kernels.cart import DEFAULT_RANK_RATIO, energy_ranks, factorize_centered
 from mergeflow.merge import common_layout
 from mergeflow.methods.cart import METHOD as CART
 from mergeflow.methods.cart import CartParams, LowRankSelection
@@ -36,13 +37,11 @@ from mergeflow.statedict import COMPUTE_DTYPE, StateDict, mean_of
 from mergeflow.storage import CheckpointCache
 from mergeflow.svd import (
     Factors,
-    energy_rank,
     factors_from_tensors,
     factors_to_tensors,
     low_rank_sum,
     rank_for,
     resolve_device,
-    truncated_svd,
 )
 
 log = logging.getLogger(__name__)
@@ -117,13 +116,9 @@ class CartFactors:
             avg = mean_of(tensors)
             average[key] = avg.cpu()
             if selection.selects(key, shape):
-                k_max = rank_for(shape, max_rank_ratio)
-                factors[key], task_norms = [], []
-                for theta in tensors:  # one centered vector alive at a time
-                    tau = theta - avg
-                    factors[key].append(truncated_svd(tau, k_max).to("cpu"))
-                    task_norms.append(tau.square().sum())
-                norms[key] = torch.stack(task_norms).cpu()
+                parts = factorize_centered(tensors, rank_for(shape, max_rank_ratio), avg)
+                factors[key] = [f.to("cpu") for f in parts.factors]
+                norms[key] = parts.norms2.cpu()
         log.info(
             "factorized %d matrices of %d tasks (max rank ratio %s)",
             len(factors),
@@ -146,20 +141,18 @@ class CartFactors:
 
     def energy_ranks(self, key: str, energy: float) -> list[int]:
         """Per task, the rank that holds ``energy`` of τ̄_t's squared norm at ``key``."""
-        ranks = []
-        for f, total in zip(self.factors[key], self.norms[key].tolist(), strict=True):
-            k = energy_rank(f.s, energy, total)
+        ranks = energy_ranks(self.factors[key], self.norms[key], energy)
+        for f, k in zip(self.factors[key], ranks, strict=True):
             if k > f.rank:
                 raise ParameterError(
                     f"energy {energy} at {key!r} needs more than the {f.rank} factorized "
                     "singular triplets; factorize with a larger max_rank_ratio"
                 )
-            ranks.append(k)
         return ranks
 
     def merge(
         self,
-        rank_ratio: float = 0.12,
+        rank_ratio: float = DEFAULT_RANK_RATIO,
         scale: float = 1.0,
         device: str | torch.device | None = "auto",
         energy: float | None = None,

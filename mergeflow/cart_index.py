@@ -27,11 +27,11 @@ from mergeflow.checkpoints import (
     save_state_dict,
 )
 from mergeflow.errors import ParameterError
+from mergeflow.kernels.cart import DEFAULT_RANK_RATIO, centered, factorize_task_vector
 from mergeflow.memory import release_large_frees
 from mergeflow.merge import common_layout
-from mergeflow.methods.cart import centered
 from mergeflow.methods.cart_indexed import METHOD as CART_INDEXED
-from mergeflow.methods.cart_indexed import CartIndexedParams, factorize_task_vector
+from mergeflow.methods.cart_indexed import CartIndexedParams
 from mergeflow.statedict import COMPUTE_DTYPE, StateDict
 from mergeflow.storage import CheckpointCache
 from mergeflow.svd import (
@@ -77,7 +77,7 @@ class CartIndex:
         cls,
         finetuned: Sequence[CheckpointReader],
         tasks: Sequence[str],
-        rank_ratio: float = 0.12,
+        rank_ratio: float = DEFAULT_RANK_RATIO,
         energy: float | None = None,
         selection: Mapping | None = None,
         device: str | torch.device | None = "auto",
@@ -108,7 +108,8 @@ class CartIndex:
             average[key] = avg.to(dtype).cpu()
             if params.selects(key, shape):
                 factors[key] = [
-                    _cast(factorize_task_vector(tau, params), dtype) for tau in task_vectors
+                    _cast(factorize_task_vector(tau, params.rank_ratio, params.energy), dtype)
+                    for tau in task_vectors
                 ]
             else:
                 residuals[key] = [tau.to(dtype).cpu() for tau in task_vectors]

@@ -44,6 +44,7 @@ from mergeflow.evaluation import (
     summarize,
 )
 from mergeflow.hf_clip import from_open_clip, is_hf_clip, to_open_clip
+from mergeflow.kernels import DEFAULT_RANK_RATIO
 from mergeflow.memory import release_large_frees
 from mergeflow.merge import merge_readers
 from mergeflow.methods import find_method, get_method
@@ -344,7 +345,10 @@ def candidate_state(
         state = load_state_dict(data_aware_weights(spec, cache, candidate)[1])
     elif method == "cart" and factors_path is not None and set(params) <= {"rank_ratio", "scale"}:
         state = grid_point_state(
-            factors_path, params.get("rank_ratio", 0.12), params.get("scale", 1.0), spec.device
+            factors_path,
+            params.get("rank_ratio", DEFAULT_RANK_RATIO),
+            params.get("scale", 1.0),
+            spec.device,
         )
     else:
         state = merge_state(spec, cache, method, params, task)
@@ -425,7 +429,7 @@ def candidate_key(
     if is_data_aware(method):
         return _content_key("model/1", "data-aware", _data_aware_key(spec, cache, candidate))
     if method == "cart" and factors_path is not None and set(params) <= {"rank_ratio", "scale"}:
-        point = (params.get("rank_ratio", 0.12), params.get("scale", 1.0))
+        point = (params.get("rank_ratio", DEFAULT_RANK_RATIO), params.get("scale", 1.0))
         stem = Path(factors_path).stem
         return _content_key("model/2", "cart-factors", stem, point, digests[spec.base])
     merge_method = get_method(method)

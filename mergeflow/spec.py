@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mergeflow.errors import ParameterError
+from mergeflow.kernels import DEFAULT_RANK_RATIO
 
 REFERENCES = ("finetuned", "zeroshot")
 DEFAULT_BASELINES = ("average", "task_arithmetic", "finetuned", "zeroshot")
@@ -188,7 +189,9 @@ class FamilySpec(MethodSpec):
 class CompressionSpec(_Frozen):
     """CART as compression: θ_avg plus every task's rank-k centered factors in one file."""
 
-    rank_ratio: float = Field(0.12, gt=0.0, le=1.0, description="rank kept per matrix")
+    rank_ratio: float = Field(
+        DEFAULT_RANK_RATIO, gt=0.0, le=1.0, description="rank kept per matrix"
+    )
     energy: float | None = Field(
         None, gt=0.0, le=1.0, description="instead of rank_ratio: share of ‖τ̄_t‖² kept"
     )

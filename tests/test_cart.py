@@ -263,3 +263,20 @@ def test_cart_params_validate_rank_ratio():
     with pytest.raises(ValueError):
         CartParams(rank_ratio=0)
     assert CartParams(rank_ratio="0.5", include="attn,mlp").include == ("attn", "mlp")
+
+
+def test_the_kernel_factorizes_each_centered_vector_and_measures_its_norm(family):
+    from mergeflow.kernels.cart import factorize_centered
+    from mergeflow.svd import truncated_svd
+
+    _, tuned = family
+    key = "visual.transformer.resblocks.0.mlp.c_fc.weight"
+    thetas = [t[key] for t in tuned]
+    parts = factorize_centered(thetas, 3)  # θ_avg computed here
+    average = sum(thetas) / len(thetas)
+    torch.testing.assert_close(parts.average, average, atol=1e-6, rtol=0)
+    for theta, f, norm2 in zip(thetas, parts.factors, parts.norms2.tolist(), strict=True):
+        tau = theta - average
+        expected = truncated_svd(tau, 3)
+        torch.testing.assert_close(f.s, expected.s, atol=1e-5, rtol=0)
+        assert norm2 == pytest.approx(float(tau.square().sum()), rel=1e-5)

@@ -330,8 +330,11 @@ def test_lora_adapters_merge_as_their_dense_task_vectors(loras, tmp_path):
     expected = reference_cart(
         thetas, 0.25, 1.0, {k for k in base if re.search(r"[qv]_proj\.weight$", k)}
     )
+    # float32 SVDs against a float64 reference: where τ̄_t's singular values next to the cut
+    # (k = 8 of 32) lie 5% apart, float32 rounding moves a kept subspace by about
+    # eps32 · ‖τ̄_t‖ / gap, up to ~1e-5 in an entry; the merge it checks moves entries by > 1e-3
     for key in merged:
-        torch.testing.assert_close(merged[key].double(), expected[key], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(merged[key].double(), expected[key], rtol=1e-5, atol=1e-5)
     # the factors merged apart would be something else: the adapters' q deltas are not
     # the merge of their A and B
     key = "model.layers.0.self_attn.q_proj.weight"

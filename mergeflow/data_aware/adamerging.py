@@ -39,10 +39,11 @@ from mergeflow.data_aware.base import (
     image_logits,
     visual_keys,
 )
+from mergeflow.kernels.cart import DEFAULT_RANK_RATIO, factorize_centered
 from mergeflow.methods.base import MethodParams
 from mergeflow.methods.cart import LowRankSelection
 from mergeflow.statedict import StateDict, mean_of
-from mergeflow.svd import low_rank_sum, rank_for, truncated_svd
+from mergeflow.svd import low_rank_sum, rank_for
 
 
 class AdaMergingParams(MethodParams):
@@ -69,7 +70,7 @@ class AdaMergingParams(MethodParams):
 
 class CartAdaMergingParams(AdaMergingParams, LowRankSelection):
     init: float = Field(1.0, description="initial coefficient (CART's λ)")
-    rank_ratio: float = Field(0.12, gt=0.0, le=1.0, description="CART's rank ratio")
+    rank_ratio: float = Field(DEFAULT_RANK_RATIO, gt=0.0, le=1.0, description="CART's rank ratio")
 
 
 def task_arithmetic_vectors(inputs: DataAwareInputs) -> tuple[StateDict, list[StateDict]]:
@@ -87,12 +88,12 @@ def cart_vectors(
         if not value.is_floating_point():
             continue
         thetas = [s[key].to(inputs.device, torch.float32) for s in inputs.finetuned]
-        origin[key] = mean_of(thetas).cpu()
+        average = mean_of(thetas)
+        origin[key] = average.cpu()
         if params.selects(key, value.shape):
             k = rank_for(value.shape, params.rank_ratio)
-            for t, theta in enumerate(thetas):
-                factors = truncated_svd(theta - origin[key].to(inputs.device), k)
-                vectors[t][key] = low_rank_sum([factors], k).cpu()
+            for t, f in enumerate(factorize_centered(thetas, k, average).factors):
+                vectors[t][key] = low_rank_sum([f], f.rank).cpu()
     return origin, vectors
 
 

@@ -24,9 +24,10 @@ import torch
 from pydantic import Field, field_validator
 
 from mergeflow.architectures import MATRIX_PATTERNS, is_table, matches
+from mergeflow.kernels.cart import DEFAULT_RANK_RATIO, factorize_centered, kept_ranks
 from mergeflow.methods.base import MergeMethod, MethodParams
 from mergeflow.statedict import mean_of
-from mergeflow.svd import energy_rank, low_rank_sum, rank_for, truncated_svd
+from mergeflow.svd import low_rank_sum, rank_for
 
 
 class LowRankSelection(MethodParams):
@@ -96,7 +97,10 @@ class AllMatrices(LowRankSelection):
 
 class CartParams(LowRankSelection):
     rank_ratio: float = Field(
-        0.12, gt=0.0, le=1.0, description="fraction of min(m, n) singular triplets kept"
+        DEFAULT_RANK_RATIO,
+        gt=0.0,
+        le=1.0,
+        description="fraction of min(m, n) singular triplets kept",
     )
     scale: float = Field(1.0, description="λ, the weight of the summed low-rank vectors")
     energy: float | None = Field(
@@ -106,12 +110,6 @@ class CartParams(LowRankSelection):
         description="instead of rank_ratio: per matrix and task, the smallest rank whose "
         "singular values hold this share of the centered vector's squared norm",
     )
-
-
-def centered(finetuned: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """θ_avg and the centered task vectors τ̄_t = θ_t − θ_avg (float32 in, float32 out)."""
-    average = mean_of(finetuned)
-    return average, [theta - average for theta in finetuned]
 
 
 def merge_tensor(
@@ -124,15 +122,12 @@ def merge_tensor(
     average = mean_of(finetuned)
     if not params.selects(key, average.shape):
         return average
-    # one centered vector at a time: only its kept factors outlive its SVD, so memory does
-    # not grow with T beyond the T input tensors
-    if params.energy is not None:
-        factors = [truncated_svd(theta - average, min(average.shape)) for theta in finetuned]
-        ranks = [min(energy_rank(f.s, params.energy), f.rank) for f in factors]
-        return average + params.scale * low_rank_sum(factors, ranks)
-    k = rank_for(average.shape, params.rank_ratio)
-    factors = [truncated_svd(theta - average, k) for theta in finetuned]
-    return average.add_(low_rank_sum(factors, k), alpha=params.scale)
+    # the energy rule needs the whole spectrum, the rank rule only its top k
+    full = min(average.shape)
+    k = full if params.energy is not None else rank_for(average.shape, params.rank_ratio)
+    parts = factorize_centered(finetuned, k, average)
+    ranks = kept_ranks(parts.factors, parts.norms2, params.rank_ratio, params.energy)
+    return average.add_(low_rank_sum(parts.factors, ranks), alpha=params.scale)
 
 
 METHOD = MergeMethod(

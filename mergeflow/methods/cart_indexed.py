@@ -17,29 +17,23 @@ from collections.abc import Sequence
 import torch
 from pydantic import Field
 
+from mergeflow.kernels.cart import DEFAULT_RANK_RATIO, centered, factorize_task_vector
 from mergeflow.methods.base import MergeMethod, check_task_index
-from mergeflow.methods.cart import LowRankSelection, centered
-from mergeflow.svd import Factors, energy_rank, low_rank_sum, rank_for, truncated_svd
+from mergeflow.methods.cart import LowRankSelection
+from mergeflow.svd import low_rank_sum
 
 
 class CartIndexedParams(LowRankSelection):
     task: int = Field(ge=0, description="index of the task (its fine-tuned checkpoint) to build")
     rank_ratio: float = Field(
-        0.12, gt=0.0, le=1.0, description="fraction of min(m, n) singular triplets kept"
+        DEFAULT_RANK_RATIO,
+        gt=0.0,
+        le=1.0,
+        description="fraction of min(m, n) singular triplets kept",
     )
     energy: float | None = Field(
         None, gt=0.0, le=1.0, description="instead of rank_ratio: share of ‖τ̄_t‖² kept"
     )
-
-
-def factorize_task_vector(tau: torch.Tensor, params: CartIndexedParams) -> Factors:
-    """The kept singular triplets of one centered task vector: top int(rank_ratio · min(m, n)),
-    or as many as hold ``energy`` of its squared norm."""
-    if params.energy is None:
-        return truncated_svd(tau, rank_for(tau.shape, params.rank_ratio))
-    factors = truncated_svd(tau, min(tau.shape))
-    k = min(energy_rank(factors.s, params.energy), factors.rank)
-    return Factors(factors.u[:, :k], factors.s[:k], factors.vh[:k])
 
 
 def merge_tensor(
@@ -54,7 +48,7 @@ def merge_tensor(
     tau = task_vectors[params.task]
     if not params.selects(key, average.shape):
         return average + tau
-    factors = factorize_task_vector(tau, params)
+    factors = factorize_task_vector(tau, params.rank_ratio, params.energy)
     return average + low_rank_sum([factors], factors.rank)
 
 
