@@ -12,7 +12,7 @@ export AWS_EC2_METADATA_DISABLED := true
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup test lint format demo bench bench-memory mutation deploy lock clean
+.PHONY: setup test test-all lint format demo bench bench-memory mutation deploy lock clean
 
 setup: $(STAMP)
 
@@ -27,17 +27,25 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
 
+# the fast tests (~8 min on 2 cores): units, properties, faults, one small pipeline run;
+# in random order (the seed is printed: --random-order-seed=N repeats an order)
 test: setup
-	$(PY) -m ruff check mergeflow tasks flows tests bench infra
-	$(PY) -m pytest
+	$(PY) -m ruff check mergeflow tasks flows zoo tests bench infra
+	$(PY) -m pytest -m "not full" --random-order
+
+# every test (CI): also the real Prefect server with a worker and the browser test, the
+# demo zoo's adaptation tests (building .demo/zoo once, ~11 min), whole-pipeline variants
+test-all: setup
+	$(PY) -m ruff check mergeflow tasks flows zoo tests bench infra
+	$(PY) -m pytest --random-order
 
 lint: setup
-	$(PY) -m ruff check mergeflow tasks flows tests bench infra
-	$(PY) -m ruff format --check mergeflow tasks flows tests bench infra
+	$(PY) -m ruff check mergeflow tasks flows zoo tests bench infra
+	$(PY) -m ruff format --check mergeflow tasks flows zoo tests bench infra
 
 format: setup
-	$(PY) -m ruff format mergeflow tasks flows tests bench infra
-	$(PY) -m ruff check --fix mergeflow tasks flows tests bench infra
+	$(PY) -m ruff format mergeflow tasks flows zoo tests bench infra
+	$(PY) -m ruff check --fix mergeflow tasks flows zoo tests bench infra
 
 demo: setup
 	$(PY) -m flows.demo

@@ -29,22 +29,23 @@ def main() -> None:
 
     import torch
 
-    from mergeflow import pipeline
+    from mergeflow import evaluation
+    from mergeflow.candidates import cart_point
     from mergeflow.evaluation import SELECTION
-    from mergeflow.storage import CheckpointCache
-    from mergeflow.zoo.zoo import zoo_spec
+    from mergeflow.run import RunInputs, open_run
+    from zoo.zoo import zoo_spec
 
     manifest = json.loads(manifest_path.read_text())
     spec = zoo_spec(manifest, str(args.zoo.resolve()), "bench", rank_ratios=RANKS, scales=SCALES)
-    cache = CheckpointCache(tempfile.mkdtemp(prefix="mergeflow-bench-eval-"))
+    run = open_run(RunInputs.resolve(spec, tempfile.mkdtemp(prefix="mergeflow-bench-eval-")))
     print(f"zoo: {len(spec.tasks)} tasks, torch threads {torch.get_num_threads()}")
 
     t0 = time.perf_counter()
-    context = pipeline.evaluation_context(spec, cache)
+    context = run.context
     prepare_s = time.perf_counter() - t0
     images = sum(len(t.splits[SELECTION].labels) for t in context.tasks)
     t0 = time.perf_counter()
-    factors = pipeline.factorize(spec, cache)
+    run.factors_path()
     factorize_s = time.perf_counter() - t0
     print(
         f"one-time: prepare data + heads {prepare_s:.1f} s (cold cache), "
@@ -56,7 +57,7 @@ def main() -> None:
     for rank_ratio in RANKS:
         for scale in SCALES:
             t0 = time.perf_counter()
-            state = pipeline.grid_point_state(factors, rank_ratio, scale, "cpu")
+            state = cart_point(rank_ratio, scale).weights(run)
             t1 = time.perf_counter()
             context.score(state, SELECTION)
             t2 = time.perf_counter()
@@ -76,8 +77,8 @@ def main() -> None:
     )
 
     t0 = time.perf_counter()
-    pipeline._context.cache_clear()
-    pipeline.evaluation_context(spec, cache)
+    evaluation._context.cache_clear()
+    evaluation.evaluation_context(run.spec, run.cache)
     print(
         f"warm re-preparation from the on-disk cache: {time.perf_counter() - t0:.1f} s "
         f"(vs {prepare_s:.1f} s cold)"

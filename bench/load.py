@@ -68,7 +68,7 @@ def main() -> int:
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per S3 request
 
-    from mergeflow.zoo.zoo import ZooConfig, build_zoo, upload_zoo, zoo_spec
+    from zoo.zoo import ZooConfig, build_zoo, upload_zoo, zoo_spec
 
     config = ZooConfig(
         tasks=("shapes", "letters", "digits"),

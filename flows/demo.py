@@ -139,11 +139,11 @@ def _adaptation_lines(comparison: dict) -> list[str]:
 
 def _score_champion(spec, cache_dir: Path) -> dict:
     from mergeflow import pipeline
-    from mergeflow.storage import CheckpointCache
+    from mergeflow.run import RunInputs, open_run
 
-    cache = CheckpointCache(cache_dir)
+    run = open_run(RunInputs.resolve(spec, str(cache_dir)))
     uri = f"models:/{spec.registered_model}@champion"
-    return pipeline.summary_of(spec, cache, pipeline.registered_model_scores(spec, cache, uri))
+    return pipeline.summary_of(run, pipeline.registered_model_scores(run, uri))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     _configure(demo_dir, port)
     started = time.perf_counter()
 
-    from mergeflow.zoo.zoo import build_zoo, upload_zoo, zoo_spec
+    from zoo.zoo import build_zoo, upload_zoo, zoo_spec
 
     manifest = build_zoo(demo_dir / "zoo")
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
 
         from flows.merge_pipeline import merge_pipeline
 
-        result = merge_pipeline(spec, str(demo_dir / "cache"))
+        result = merge_pipeline(spec, cache_dir=str(demo_dir / "cache"))
         champion = _score_champion(spec, demo_dir / "cache")
     finally:
         server.stop()

@@ -10,7 +10,7 @@ from prefect import flow
 
 from mergeflow.spec import MergeSpec
 from mergeflow.tracking import score_of
-from tasks.pipeline import prepare_evaluation, score_registered_model
+from tasks.pipeline import prepare_evaluation, resolve_inputs, score_registered_model
 from tasks.registry import move_champion, resolve_version
 
 
@@ -33,10 +33,9 @@ def promote(
     name = model_name or spec.registered_model
     candidate = resolve_version(name, version or "challenger")
     champion = resolve_version(name, "champion", missing_ok=True)
-    prepare_evaluation(spec, cache_dir)
-    candidate_summary = score_registered_model(
-        spec, f"models:/{name}/{candidate}", cache_dir=cache_dir
-    )
+    inputs = resolve_inputs(spec, cache_dir)
+    prepare_evaluation(inputs)
+    candidate_summary = score_registered_model(inputs, f"models:/{name}/{candidate}")
     result = {
         "name": name,
         "version": candidate,
@@ -48,9 +47,7 @@ def promote(
         return {**result, "champion_score": result["score"], "promoted": False}
     champion_score = float("-inf")
     if champion is not None:
-        champion_summary = score_registered_model(
-            spec, f"models:/{name}/{champion}", cache_dir=cache_dir
-        )
+        champion_summary = score_registered_model(inputs, f"models:/{name}/{champion}")
         champion_score = score_of(champion_summary)
     promoted = move_champion(name, candidate, result["score"], champion_score)
     verdict = "is the new champion" if promoted else "stays behind the champion"

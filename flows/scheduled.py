@@ -1,5 +1,5 @@
 """Flows for deployments: the pipeline on a schedule (its spec read at run time from a file,
-an s3:// URI or a Prefect variable) and the GPU part of the pipeline on its own pool.
+an s3:// URI or a Prefect variable) and the GPU steps of the pipeline on their own pool.
 """
 
 from __future__ import annotations
@@ -7,35 +7,27 @@ from __future__ import annotations
 import yaml
 from prefect import flow, get_run_logger
 
-from flows.merge_pipeline import data_aware_candidates, merge_pipeline
+from flows.merge_pipeline import merge_pipeline
 from mergeflow.errors import ParameterError
-from mergeflow.spec import MergeSpec
-from mergeflow.storage import filesystem
-from tasks.pipeline import compress_checkpoints, factorize_checkpoints, merge_with_data
+from mergeflow.plan import make_plan
+from mergeflow.spec import MergeSpec, load_spec
+from tasks.pipeline import adapt, compress, factorize, resolve_inputs
 
 SPEC_VARIABLE = "mergeflow-nightly-spec"
 
 
-def load_spec(spec_uri: str | None, spec_variable: str | None) -> MergeSpec:
-    """The spec in the YAML file at ``spec_uri`` (a path or any fsspec URI), or in the
-    Prefect variable ``spec_variable`` (a YAML string or a JSON object)."""
-    if (spec_uri is None) == (spec_variable is None):
-        raise ParameterError("give exactly one of spec_uri and spec_variable")
-    if spec_uri is not None:
-        fs, path = filesystem(spec_uri)
-        try:
-            with fs.open(path, "r") as f:
-                data = yaml.safe_load(f)
-        except FileNotFoundError:
-            raise ParameterError(f"{spec_uri}: no such spec file") from None
-        return MergeSpec.parse(data, source=spec_uri)
+def spec_from_variable(name: str) -> MergeSpec:
+    """The spec held in the Prefect variable ``name``: YAML text, a JSON object, or (for a
+    spec larger than a variable holds) ``spec_uri: URI`` naming where it is stored."""
     from prefect.variables import Variable
 
-    value = Variable.get(spec_variable)
+    value = Variable.get(name)
     if value is None:
-        raise ParameterError(f"Prefect variable {spec_variable!r} is not set")
+        raise ParameterError(f"Prefect variable {name!r} is not set")
     data = yaml.safe_load(value) if isinstance(value, str) else value
-    return MergeSpec.parse(data, source=f"variable {spec_variable}")
+    if isinstance(data, dict) and set(data) == {"spec_uri"}:
+        return load_spec(data["spec_uri"])
+    return MergeSpec.parse(data, source=f"variable {name}")
 
 
 @flow(name="scheduled-merge-pipeline", log_prints=True)
@@ -51,25 +43,25 @@ def scheduled_merge_pipeline(
         spec_variable: the Prefect variable holding the spec, YAML or JSON.
         cache_dir: local cache folder.
     """
-    spec = load_spec(spec_uri, None if spec_uri else spec_variable)
+    if spec_uri is None and spec_variable is None:
+        raise ParameterError("give spec_uri or spec_variable")
+    spec = load_spec(spec_uri) if spec_uri else spec_from_variable(spec_variable)
     get_run_logger().info("spec %s (sha256 %s)", spec.registered_model, spec.digest()[:12])
-    return merge_pipeline(spec, cache_dir)
+    return merge_pipeline(spec, cache_dir=cache_dir)
 
 
-@flow(name="factorize-on-gpu", log_prints=True)
-def factorize_on_gpu(
-    spec: MergeSpec,
-    cache_dir: str | None = None,
-) -> dict:
-    """The pipeline's GPU part (CART factors, the data-aware merges, and the CART index if
-    the spec asks for one), written to the shared result store where the pipeline's own
-    steps then find them.
+@flow(name="gpu-steps", log_prints=True)
+def gpu_steps(spec: MergeSpec, cache_dir: str | None = None) -> dict:
+    """The pipeline's steps that want a GPU: the CART factors, the data-aware merges, and
+    the CART index if the spec asks for one, written to the shared result store where the
+    pipeline's own steps then find them.
 
     Args:
-        spec: the spec whose checkpoints to factorize.
+        spec: the spec whose checkpoints to factorize and adapt.
         cache_dir: local cache folder.
     """
-    factors = factorize_checkpoints(spec, cache_dir)
-    adapted = [merge_with_data(spec, c, cache_dir) for c in data_aware_candidates(spec)]
-    index = compress_checkpoints(spec, cache_dir) if spec.compression else None
+    inputs = resolve_inputs(spec, cache_dir)
+    factors = factorize(inputs)
+    adapted = [adapt(inputs, c) for c in make_plan(spec).data_aware]
+    index = compress(inputs) if spec.compression else None
     return {"factors": factors, "adapted": adapted, "index": index["path"] if index else None}

@@ -10,7 +10,11 @@ deploy every flow of ../prefect.yaml. Safe to run again: what exists is updated.
 - tag concurrency limit ``gpu`` = ``--gpus``: tasks tagged ``gpu`` (SVD factorization, CART
   index, merges) run at most one per GPU, whichever pool's worker runs them;
 - variable ``mergeflow-nightly-spec`` from ``--nightly-spec FILE`` (the scheduled run reads
-  it at run time), when given.
+  it at run time), when given. A spec longer than a Prefect variable holds (5,000
+  characters) is stored as an object under ``--spec-store`` (default
+  ``$MERGEFLOW_RESULT_STORE``), at ``specs/SHA256.yaml``, and the variable names it.
+
+Any failure ends in one line on stderr and exit status 2, never a traceback.
 """
 
 from __future__ import annotations
@@ -58,14 +62,41 @@ def ensure_gpu_task_limit(client, gpus: int) -> None:
     client.create_concurrency_limit(tag=GPU_TAG, concurrency_limit=gpus)
 
 
-def set_nightly_spec(path: str) -> None:
+# Prefect refuses variable values longer than this
+VARIABLE_LIMIT = 5000
+
+
+def set_nightly_spec(path: str, store: str | None) -> str:
+    """Put the spec at ``path`` where the scheduled run reads it: in the variable, or as an
+    object under ``store`` with the variable naming it. Returns where it went."""
+    import hashlib
+
+    import yaml
     from prefect.variables import Variable
 
     from flows.scheduled import SPEC_VARIABLE
+    from mergeflow.errors import ParameterError
     from mergeflow.spec import MergeSpec
+    from mergeflow.storage import filesystem
 
     MergeSpec.from_yaml(path)  # refuse a bad spec here, not at 2 a.m.
-    Variable.set(SPEC_VARIABLE, Path(path).read_text(), overwrite=True)
+    text = Path(path).read_text()
+    if len(text) <= VARIABLE_LIMIT:
+        Variable.set(SPEC_VARIABLE, text, overwrite=True)
+        return f"variable {SPEC_VARIABLE}"
+    if not store:
+        raise ParameterError(
+            f"{path}: {len(text)} characters, more than a Prefect variable holds "
+            f"({VARIABLE_LIMIT}): give --spec-store s3://BUCKET/PREFIX (or set "
+            "MERGEFLOW_RESULT_STORE) to store it as an object the variable names"
+        )
+    uri = f"{store.rstrip('/')}/specs/{hashlib.sha256(text.encode()).hexdigest()}.yaml"
+    fs, object_path = filesystem(uri)
+    fs.makedirs(object_path.rsplit("/", 1)[0], exist_ok=True)
+    with fs.open(object_path, "w") as f:
+        f.write(text)
+    Variable.set(SPEC_VARIABLE, yaml.safe_dump({"spec_uri": uri}), overwrite=True)
+    return f"{uri} (named by variable {SPEC_VARIABLE})"
 
 
 def deploy(names: list[str] | None) -> None:
@@ -81,6 +112,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpus", type=int, default=1, help="GPUs in the gpu pool (default 1)")
     parser.add_argument("--nightly-spec", help="YAML spec the scheduled deployment runs")
     parser.add_argument(
+        "--spec-store",
+        default=os.environ.get("MERGEFLOW_RESULT_STORE"),
+        help="where a nightly spec too long for a Prefect variable is stored "
+        "(default: $MERGEFLOW_RESULT_STORE)",
+    )
+    parser.add_argument(
         "--deployment", action="append", help="deploy only this one (repeatable; default all)"
     )
     parser.add_argument("--no-deploy", action="store_true", help="pools and limits only")
@@ -95,18 +132,33 @@ def main(argv: list[str] | None = None) -> int:
     if not os.environ.get("PREFECT_API_URL"):
         parser.error("set PREFECT_API_URL to the Prefect server's API, e.g. http://HOST:4200/api")
     sys.path.insert(0, str(ROOT))
+    try:
+        set_up(args)
+    except subprocess.CalledProcessError as exc:
+        print(
+            f"setup_prefect: error: {' '.join(exc.cmd[2:])} failed (status {exc.returncode})",
+            file=sys.stderr,
+        )
+        return 2
+    except Exception as exc:  # one line for the operator; the cause is in the message
+        message = " ".join(str(exc).split())
+        print(f"setup_prefect: error: {type(exc).__name__}: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def set_up(args: argparse.Namespace) -> None:
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
         ensure_pools(client, args.gpus, args.kubernetes_template)
         ensure_gpu_task_limit(client, args.gpus)
     if args.nightly_spec:
-        set_nightly_spec(args.nightly_spec)
+        print(f"nightly spec: {set_nightly_spec(args.nightly_spec, args.spec_store)}")
     if not args.no_deploy:
         deploy(args.deployment)
     api = os.environ["PREFECT_API_URL"]
     print(f"pools cpu and gpu, tag limit {GPU_TAG}={args.gpus} ready on {api}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
-"""Figures of a pipeline run, as PNG files: accuracy against rank per scale, and per-task
-accuracy of the compared methods (bars and a radar, like the paper's figures).
+"""Figures of a pipeline run, as PNG files: accuracy against rank per scale; every compared
+model's per-task accuracy as one heatmap (models × tasks, best mean first); and, for the best
+model of each kind beside the references, per-task bars and a radar like the paper's.
 
+Every figure stays under :data:`MAX_WIDTH_PX` wide however many models a spec compares.
 Drawn with matplotlib's Agg backend, so they need no display.
 """
 
@@ -57,15 +59,76 @@ def accuracy_vs_rank(grid: Sequence[Mapping], path: str | Path) -> Path:
     return _save(plt, figure, path)
 
 
-def per_task_bars(comparison: Mapping[str, Mapping], path: str | Path) -> Path:
-    """Grouped bars: report-split accuracy per task (and the mean) for each compared model.
-    ``comparison``: label → summary with ``accuracy`` (per task) and ``mean_accuracy``."""
+DPI = 110
+MAX_WIDTH_PX = 2000
+# labels longer than this are cut (with an ellipsis) so the figure keeps its width
+LABEL_CHARS = 42
+
+
+def _short(label: str) -> str:
+    return label if len(label) <= LABEL_CHARS else label[: LABEL_CHARS - 1] + "…"
+
+
+def best_of_each_kind(comparison: Mapping[str, Mapping]) -> dict[str, Mapping]:
+    """The best entry (by mean accuracy) of each kind but ``reference``, then every
+    reference (the fine-tuned models, the zero-shot base): what bars and a radar can show
+    legibly. Entries without a ``kind`` count as one kind."""
+    best: dict[str, tuple[str, Mapping]] = {}
+    references = {}
+    for label, summary in comparison.items():
+        kind = summary.get("kind", "merged")
+        if kind == "reference":
+            references[label] = summary
+        elif kind not in best or summary["mean_accuracy"] > best[kind][1]["mean_accuracy"]:
+            best[kind] = (label, summary)
+    chosen = {label: summary for label, summary in best.values()}
+    return {**dict(sorted(chosen.items(), key=lambda kv: -kv[1]["mean_accuracy"])), **references}
+
+
+def per_task_heatmap(comparison: Mapping[str, Mapping], path: str | Path) -> Path:
+    """Every compared model's report-split accuracy per task and its mean, one row per
+    model (best mean first), each cell coloured and labelled with its accuracy (%)."""
     plt = _pyplot()
+    rows = sorted(comparison.items(), key=lambda kv: -kv[1]["mean_accuracy"])
+    tasks = list(rows[0][1]["accuracy"])
+    columns = [*tasks, "mean"]
+    values = [[100 * s["accuracy"][t] for t in tasks] + [100 * s["mean_accuracy"]] for _, s in rows]
+    width = min(1.8 + 0.75 * len(columns), (MAX_WIDTH_PX - 500) / DPI)
+    figure, ax = plt.subplots(figsize=(width, 1.2 + 0.32 * len(rows)))
+    image = ax.imshow(values, cmap="viridis", vmin=0, vmax=100, aspect="auto")
+    for i, row in enumerate(values):
+        for j, value in enumerate(row):
+            ax.text(
+                j,
+                i,
+                f"{value:.0f}",
+                ha="center",
+                va="center",
+                fontsize="x-small",
+                color="black" if value > 60 else "white",
+            )
+    ax.set_xticks(range(len(columns)), columns, rotation=45, ha="right")
+    labels = [f"{_short(label)} ({s.get('kind', '')})".replace(" ()", "") for label, s in rows]
+    ax.set_yticks(range(len(rows)), labels, fontsize="small")
+    ax.axvline(len(tasks) - 0.5, color="white", linewidth=2)
+    figure.colorbar(image, ax=ax, label="accuracy (%)", fraction=0.05)
+    ax.set_title("Report-split accuracy per task, every compared model")
+    figure.tight_layout()
+    return _save(plt, figure, path)
+
+
+def per_task_bars(comparison: Mapping[str, Mapping], path: str | Path) -> Path:
+    """Grouped bars: report-split accuracy per task (and the mean) of the best model of
+    each kind and the references (:func:`best_of_each_kind`). ``comparison``: label →
+    summary with ``accuracy`` (per task), ``mean_accuracy`` and ``kind``."""
+    plt = _pyplot()
+    comparison = best_of_each_kind(comparison)
     labels = list(comparison)
     tasks = list(next(iter(comparison.values()))["accuracy"])
     groups = [*tasks, "mean"]
     width = 0.8 / len(labels)
-    figure, ax = plt.subplots(figsize=(max(7.0, len(groups) * (0.6 + 0.22 * len(labels))), 4.5))
+    wide = max(7.0, len(groups) * (0.6 + 0.22 * len(labels)))
+    figure, ax = plt.subplots(figsize=(min(wide, (MAX_WIDTH_PX - 500) / DPI), 4.5))
     for i, label in enumerate(labels):
         summary = comparison[label]
         values = [100 * summary["accuracy"][t] for t in tasks] + [100 * summary["mean_accuracy"]]
@@ -73,7 +136,7 @@ def per_task_bars(comparison: Mapping[str, Mapping], path: str | Path) -> Path:
             [g + (i - (len(labels) - 1) / 2) * width for g in range(len(groups))],
             values,
             width,
-            label=label,
+            label=_short(label),
         )
     ax.set_xticks(range(len(groups)), groups)
     ax.set_ylabel("accuracy (%)")
@@ -86,15 +149,16 @@ def per_task_bars(comparison: Mapping[str, Mapping], path: str | Path) -> Path:
 
 
 def per_task_radar(comparison: Mapping[str, Mapping], path: str | Path) -> Path:
-    """A radar of report-split accuracy per task, one polygon per compared model (needs at
-    least three tasks to be a polygon)."""
+    """A radar of report-split accuracy per task, one polygon per model of
+    :func:`best_of_each_kind` (needs at least three tasks to be a polygon)."""
     plt = _pyplot()
+    comparison = best_of_each_kind(comparison)
     tasks = list(next(iter(comparison.values()))["accuracy"])
     angles = [2 * math.pi * i / len(tasks) for i in range(len(tasks))]
     figure, ax = plt.subplots(figsize=(6.5, 6), subplot_kw={"projection": "polar"})
     for label, summary in comparison.items():
         values = [100 * summary["accuracy"][t] for t in tasks]
-        ax.plot([*angles, angles[0]], [*values, values[0]], label=label, linewidth=1.2)
+        ax.plot([*angles, angles[0]], [*values, values[0]], label=_short(label), linewidth=1.2)
     ax.set_xticks(angles, tasks)
     ax.set_ylim(0, 100)
     ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.05, 1.05))
@@ -106,6 +170,6 @@ def per_task_radar(comparison: Mapping[str, Mapping], path: str | Path) -> Path:
 def _save(plt, figure, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110, bbox_inches="tight")
+    figure.savefig(path, dpi=DPI, bbox_inches="tight")
     plt.close(figure)
     return path

@@ -258,15 +258,14 @@ def _run_pipeline(args: argparse.Namespace) -> int:
 
 def _run_score_model(args: argparse.Namespace) -> int:
     from mergeflow import pipeline
+    from mergeflow.run import RunInputs, open_run
     from mergeflow.spec import MergeSpec
-    from mergeflow.storage import CheckpointCache
     from mergeflow.tracking import score_of
 
-    spec = MergeSpec.from_yaml(args.spec)
-    cache = CheckpointCache(args.cache_dir)
+    run = open_run(RunInputs.resolve(MergeSpec.from_yaml(args.spec), args.cache_dir))
     # the choices are the evaluation's split roles themselves ("report", "selection")
-    scores = pipeline.registered_model_scores(spec, cache, args.model, args.split)
-    summary = pipeline.summary_of(spec, cache, scores, args.split)
+    scores = pipeline.registered_model_scores(run, args.model, args.split)
+    summary = pipeline.summary_of(run, scores, args.split)
     for task, acc in scores.items():
         normalized = summary["normalized"][task]
         print(f"{task:20s} accuracy {acc:.4f}  normalized {normalized:.4f}")

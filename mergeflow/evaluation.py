@@ -7,17 +7,28 @@ text tower, the decoded and preprocessed images of each split) is computed once 
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import logging
+import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from mergeflow.data import PreparedSplit, prepare_split
 from mergeflow.errors import ParameterError
-from mergeflow.models import classify, image_transform, tokenizer_for, zero_shot_head
-from mergeflow.spec import TaskSpec
+from mergeflow.models import (
+    classify,
+    create_model,
+    image_transform,
+    resolve_model,
+    tokenizer_for,
+    zero_shot_head,
+)
+from mergeflow.spec import MergeSpec, TaskSpec
+from mergeflow.statedict import StateDict
 from mergeflow.storage import CheckpointCache
 from mergeflow.svd import resolve_device
 
@@ -122,3 +133,96 @@ def summarize(accuracies: Mapping[str, float], finetuned: Mapping[str, float]) -
         "mean_accuracy": sum(accuracies.values()) / n,
         "mean_normalized": sum(normalized.values()) / n,
     }
+
+
+@dataclass
+class EvaluationContext:
+    """What scoring needs that no candidate changes: one model, heads, prepared splits, and
+    the base's weights (in its own names), which complete a candidate that lacks some."""
+
+    spec: MergeSpec
+    model: torch.nn.Module
+    tasks: list[PreparedTask]
+    base: StateDict = field(default_factory=dict, repr=False)
+    # one model object serves every candidate: threads of one process take turns with it
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def complete(self, state: StateDict) -> StateDict:
+        """``state`` plus every base tensor it lacks (a vision-only fine-tune's text tower)."""
+        missing = [k for k in self.base if k not in state]
+        return {**state, **{k: self.base[k] for k in missing}} if missing else state
+
+    def score(
+        self, state: StateDict, split: str = SELECTION, only: str | None = None
+    ) -> dict[str, float]:
+        """Per-task accuracy of ``state`` (open_clip or transformers CLIP names; missing
+        tensors taken from the base) on ``split`` (of task ``only``, if given)."""
+        from mergeflow.hf_clip import to_open_clip
+
+        tasks = [t for t in self.tasks if only in (None, t.name)]
+        weights = to_open_clip(self.complete(state))
+        with self.lock:
+            self.model.load_state_dict(weights)
+            return score_all(self.model, tasks, split, self.spec.batch_size, self.spec.device)
+
+    def data_digest(self, split: str, only: str | None = None) -> str:
+        """Digest of what scores on ``split`` depend on besides the weights: each task's
+        prepared images and labels and its zero-shot head."""
+        from mergeflow.run import content_key
+
+        parts = [
+            (
+                t.name,
+                t.splits[split].digest,
+                hashlib.sha256(t.head.float().contiguous().numpy().tobytes()).hexdigest(),
+            )
+            for t in self.tasks
+            if only in (None, t.name)
+        ]
+        return content_key("evaluation/1", parts)
+
+    @property
+    def heads(self) -> dict[str, torch.Tensor]:
+        return {t.name: t.head for t in self.tasks}
+
+    @property
+    def classes(self) -> dict[str, tuple[str, ...]]:
+        return {t.name: t.classes for t in self.tasks}
+
+
+def check_text_tower(base: StateDict, uri: str) -> None:
+    """The zero-shot heads come from the base's text tower: a base without one (the
+    task-vectors papers' ``zeroshot.pt`` deletes it) is refused, saying what to give."""
+    from mergeflow.hf_clip import to_open_clip
+
+    names = to_open_clip(base)
+    needed = (
+        "token_embedding.weight",
+        "transformer.resblocks.0.attn.in_proj_weight",
+        "text_projection",
+    )
+    missing = [k for k in needed if k not in names]
+    if missing:
+        raise ParameterError(
+            f"base {uri}: has no text tower (no {missing[0]!r}); the zero-shot heads are "
+            "computed from it: give as base the whole pre-trained CLIP (e.g. open_clip's "
+            "checkpoint of the same model), whose image tower the tasks were fine-tuned from"
+        )
+
+
+@functools.lru_cache(maxsize=4)
+def _context(spec_json: str, cache_root: str) -> EvaluationContext:
+    from mergeflow.checkpoints import load_state_dict
+
+    spec = MergeSpec.model_validate_json(spec_json)
+    cache = CheckpointCache(cache_root)
+    base = load_state_dict(spec.base, cache)
+    architecture = resolve_model(spec.model)
+    check_text_tower(base, spec.base)
+    tasks = prepare_tasks(spec.tasks, architecture, base, cache)
+    return EvaluationContext(spec, create_model(architecture, base), tasks, base)
+
+
+def evaluation_context(spec: MergeSpec, cache: CheckpointCache) -> EvaluationContext:
+    """The spec's evaluation context, built once per process (spec, cache)."""
+    return _context(spec.model_dump_json(), str(cache.root))

@@ -114,11 +114,41 @@ def find_version(client, name: str, registration_key: str):
     return None
 
 
-def reuse_version(
-    client, name: str, registration_key: str, score: float, report_data: str, rescore=None
-) -> Registration | None:
-    """The registration of the version already made under ``registration_key`` (its aliases
+@dataclass(frozen=True)
+class Gate:
+    """How ``champion`` moves: ``score`` (higher is better) was taken on the report data
+    whose digest is ``report_data``; a champion scored on other data is compared by
+    ``rescore(model_uri)`` (without it, the champion stays)."""
+
+    score: float
+    report_data: str
+    rescore: Callable[[str], float] | None = None
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """What a registered version holds: the merged ``weights`` (a state dict, or a function
+    giving it, called only when a new version is made) or a CART index at ``index_path``
+    (:mod:`mergeflow.cart_index`: the model rebuilds each task's weights from it), every
+    task's frozen head (C, D) and class names, the model's config name, and ``complement``:
+    tensors an index lacks (a vision-only fine-tune's text tower), loaded under every task."""
+
+    config: str
+    heads: Mapping[str, torch.Tensor]
+    classes: Mapping[str, tuple[str, ...]]
+    weights: Mapping[str, torch.Tensor] | Callable[[], Mapping[str, torch.Tensor]] | None = None
+    index_path: str | None = None
+    complement: Mapping[str, torch.Tensor] | None = None
+
+    def __post_init__(self):
+        if (self.weights is None) == (self.index_path is None):
+            raise ValueError("give either weights or index_path")
+
+
+def registered(name: str, registration_key: str, gate: Gate) -> Registration | None:
+    """The version of ``name`` already registered under ``registration_key`` (its aliases
     settled if the attempt that made it stopped before), or None when there is none."""
+    client = _mlflow().MlflowClient()
     existing = find_version(client, name, registration_key)
     if existing is None:
         return None
@@ -127,111 +157,50 @@ def reuse_version(
     )
     aliases, previous = tuple(existing.aliases or ()), None
     if not aliases:
-        aliases, previous = _move_aliases(client, name, existing, score, report_data, rescore)
+        aliases, previous = _move_aliases(client, name, existing, gate)
     return Registration(name, str(existing.version), existing.run_id, aliases, previous, True)
 
 
-def register_merged_model(
+def register_model(
     name: str,
-    model_config: str,
-    weights: Mapping[str, torch.Tensor] | Callable[[], Mapping[str, torch.Tensor]] | None,
-    heads: Mapping[str, torch.Tensor],
-    classes: Mapping[str, tuple[str, ...]],
-    score: float,
-    params: Mapping[str, object],
-    metrics: Mapping[str, float],
-    tags: Mapping[str, str],
+    files: ModelFiles,
+    gate: Gate,
     registration_key: str,
-    report_data: str,
-    rescore: Callable[[str], float] | None = None,
+    tags: Mapping[str, str] | None = None,
     run_id: str | None = None,
-    index_path: str | None = None,
-    artifacts: Mapping[str, str] | None = None,
-    complement: Mapping[str, torch.Tensor] | None = None,
 ) -> Registration:
-    """Log the merged model in a run (the active one or ``run_id``), register a new version
-    of ``name`` with ``tags``, and move the aliases by ``score`` (higher is better).
-
-    ``weights`` is the merged state dict (or a function giving it, called only when a new
-    version is made); alternatively ``index_path`` names a CART index
-    (:mod:`mergeflow.cart_index`), and the model rebuilds each task's weights from it;
-    ``complement`` holds the tensors an index lacks (the base's text tower of a vision-only
-    fine-tune), loaded under every rebuilt task.
+    """Log ``files`` as a pyfunc model in the run ``run_id`` (else the active run, else a new
+    one), register it as a new version of ``name`` with ``tags``, and move the aliases
+    through ``gate``.
 
     Idempotent: a version already registered under ``registration_key`` (a digest of what
     the model is made from and scored on) is returned as it is, so a retried task or a
-    re-run makes no second version. ``report_data`` is the digest of the data ``score`` was
-    taken on; the champion is compared on the same data: by its recorded score when its
-    data digest matches, else by ``rescore(model_uri)`` (without it, the champion stays).
-    ``artifacts``: extra files (run-relative path → local file) logged beside the model."""
-    if (weights is None) == (index_path is None):
-        raise ValueError("give either weights or index_path")
-    mlflow = _mlflow()
-    client = mlflow.MlflowClient()
-    reused = reuse_version(client, name, registration_key, score, report_data, rescore)
+    re-run makes no second version."""
+    reused = registered(name, registration_key, gate)
     if reused is not None:
         return reused
-
-    from safetensors.torch import save_file
-
+    mlflow = _mlflow()
+    client = mlflow.MlflowClient()
     with tempfile.TemporaryDirectory(prefix="mergeflow-register-") as tmp:
-        tmp = Path(tmp)
-        model_artifacts = {
-            "heads": str(tmp / "heads.safetensors"),
-            "meta": str(tmp / "meta.json"),
-        }
-        if weights is not None:
-            state = weights() if callable(weights) else weights
-            weights_file = tmp / "weights.safetensors"
-            save_file({k: v.contiguous() for k, v in state.items()}, str(weights_file))
-            model_artifacts["weights"] = str(weights_file)
-        else:
-            model_artifacts["index"] = str(index_path)
-        save_file({k: v.contiguous() for k, v in heads.items()}, model_artifacts["heads"])
-        if complement:
-            model_artifacts["complement"] = str(tmp / "complement.safetensors")
-            save_file(
-                {k: v.contiguous() for k, v in complement.items()}, model_artifacts["complement"]
-            )
-        from mergeflow.models import resolve_model
-
-        meta = {
-            "model": model_config,
-            # the architecture itself, so a transformers-CLIP model loads where its
-            # config.json is not
-            "architecture": resolve_model(model_config).to_json(),
-            "classes": {k: list(v) for k, v in classes.items()},
-        }
-        (tmp / "meta.json").write_text(json.dumps(meta))
+        model_artifacts = _write_model_files(files, Path(tmp))
         active = mlflow.active_run()
         reuse = active is not None and run_id in (None, active.info.run_id)
         context = nullcontext(active) if reuse else mlflow.start_run(run_id=run_id)
-        with context as run:
-            mlflow.log_params({k: v for k, v in params.items()})
-            mlflow.log_metrics(dict(metrics))
-            for artifact_path, local in (artifacts or {}).items():
-                mlflow.log_artifact(local, str(Path(artifact_path).parent or ""))
-            with _LOADING_MODEL_CODE:
-                info = mlflow.pyfunc.log_model(
-                    name="merged_model",
-                    python_model=str(MODEL_CODE),
-                    artifacts=model_artifacts,
-                    pip_requirements=[
-                        "mergeflow",
-                        "torch",
-                        "open_clip_torch",
-                        "safetensors",
-                        "pandas",
-                    ],
-                )
+        with context as run, _LOADING_MODEL_CODE:
+            info = mlflow.pyfunc.log_model(
+                name="merged_model",
+                python_model=str(MODEL_CODE),
+                artifacts=model_artifacts,
+                pip_requirements=["mergeflow", "torch", "open_clip_torch", "safetensors", "pandas"],
+            )
             run_id = run.info.run_id
     version = mlflow.register_model(
         info.model_uri,
         name,
         tags={
-            **tags,
-            SCORE_TAG: repr(score),
-            REPORT_DATA_TAG: report_data,
+            **(tags or {}),
+            SCORE_TAG: repr(gate.score),
+            REPORT_DATA_TAG: gate.report_data,
             REGISTRATION_KEY_TAG: registration_key,
         },
     )
@@ -247,17 +216,49 @@ def register_merged_model(
             "%s version %s duplicates version %s; removing it", name, version.version, min(twins)
         )
         client.delete_model_version(name, version.version)
-        reused = reuse_version(client, name, registration_key, score, report_data, rescore)
+        reused = registered(name, registration_key, gate)
         if reused is None:
             raise LookupError(f"{name}: the version registered under this model vanished")
         return reused
-    aliases, previous = _move_aliases(client, name, version, score, report_data, rescore)
+    aliases, previous = _move_aliases(client, name, version, gate)
     return Registration(name, str(version.version), run_id, aliases, previous)
 
 
-def _move_aliases(client, name: str, version, score: float, report_data: str, rescore):
+def _write_model_files(files: ModelFiles, folder: Path) -> dict[str, str]:
+    """The model's artifacts written under ``folder``: name → local path."""
+    from safetensors.torch import save_file
+
+    from mergeflow.models import resolve_model
+
+    def save(tensors, name: str) -> str:
+        path = str(folder / name)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, path)
+        return path
+
+    artifacts = {"heads": save(files.heads, "heads.safetensors")}
+    if files.weights is not None:
+        state = files.weights() if callable(files.weights) else files.weights
+        artifacts["weights"] = save(state, "weights.safetensors")
+    else:
+        artifacts["index"] = str(files.index_path)
+    if files.complement:
+        artifacts["complement"] = save(files.complement, "complement.safetensors")
+    meta = {
+        "model": files.config,
+        # the architecture itself, so a transformers-CLIP model loads where its config.json
+        # is not
+        "architecture": resolve_model(files.config).to_json(),
+        "classes": {k: list(v) for k, v in files.classes.items()},
+    }
+    (folder / "meta.json").write_text(json.dumps(meta))
+    artifacts["meta"] = str(folder / "meta.json")
+    return artifacts
+
+
+def _move_aliases(client, name: str, version, gate: Gate):
     """``champion`` to ``version`` if it beats the champion on the same report data, else
     ``challenger``; returns the aliases given and the previous champion's version."""
+    score, report_data, rescore = gate.score, gate.report_data, gate.rescore
     champion = current_champion(client, name)
     if champion is not None and str(champion.version) == str(version.version):
         return (CHAMPION,), None  # a concurrent run of the same model settled it already

@@ -149,10 +149,6 @@ class MethodSpec(_Frozen):
         settings = " ".join(f"{k}={_format_value(v)}" for k, v in sorted(self.params.items()))
         return f"{self.method} {settings}".strip()
 
-    def candidate(self) -> dict:
-        """What the pipeline's tasks pass around: method, params and label, all small."""
-        return {"method": self.method, "params": dict(self.params), "label": self.name}
-
 
 class FamilySpec(MethodSpec):
     """A method searched over a grid of parameter values beside CART's rank grid."""
@@ -386,3 +382,49 @@ class MergeSpec(_Frozen):
         """sha256 of the spec's canonical JSON: two runs of one spec share it."""
         canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)
         return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class SpecOverrides(_Frozen):
+    """What a run from a stored spec may change in it, from the Prefect UI's form."""
+
+    grid: GridSpec | None = Field(None, description="search this grid instead of the spec's")
+    baselines: tuple[str | MethodSpec, ...] | None = Field(
+        None, description="compare with these instead of the spec's baselines"
+    )
+    registered_model: str | None = Field(
+        None, description="register under this name instead of the spec's"
+    )
+
+
+def load_spec(uri: str) -> MergeSpec:
+    """The spec in the YAML file at ``uri``: a local path or any fsspec URI (``s3://``)."""
+    from mergeflow.storage import filesystem
+
+    fs, path = filesystem(uri)
+    try:
+        with fs.open(path, "r") as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ParameterError(f"{uri}: no such spec file") from None
+    except yaml.YAMLError as exc:
+        raise ParameterError(f"{uri}: not valid YAML ({' '.join(str(exc).split())})") from None
+    if not isinstance(data, dict):
+        raise ParameterError(f"{uri}: a spec is a mapping of fields")
+    return MergeSpec.parse(data, source=uri)
+
+
+def resolve_spec(
+    spec: MergeSpec | None = None,
+    spec_uri: str | None = None,
+    overrides: SpecOverrides | None = None,
+) -> MergeSpec:
+    """The spec a run was given (``spec``) or the one stored at ``spec_uri``, with
+    ``overrides`` applied and the result validated again."""
+    if (spec is None) == (spec_uri is None):
+        raise ParameterError("give exactly one of spec and spec_uri")
+    resolved = spec if spec is not None else load_spec(spec_uri)
+    changes = overrides.model_dump(mode="json", exclude_none=True) if overrides else {}
+    if not changes:
+        return resolved
+    source = f"{spec_uri or 'spec'} with overrides {sorted(changes)}"
+    return MergeSpec.parse({**resolved.model_dump(mode="json"), **changes}, source=source)

@@ -1,4 +1,5 @@
-"""Record a pipeline run in MLflow: the grid as nested runs, the comparison, the winner.
+"""Log a pipeline run in MLflow and return its id: the grid as nested runs, the comparison,
+the winner's metrics, the charts. Registering a model of a run is :mod:`mergeflow.registry`'s.
 
 The tracking store comes from ``MLFLOW_TRACKING_URI`` (for example ``sqlite:///mlflow.db``
 or ``http://mlflow.internal:5000``). Nothing secret is logged: parameters and tags hold the
@@ -13,13 +14,10 @@ import math
 import os
 import re
 import subprocess
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
-import torch
-
 import mergeflow
-from mergeflow.registry import register_merged_model, reuse_version
 from mergeflow.spec import MergeSpec
 
 SCORE_METRIC = "report_mean_normalized"
@@ -83,41 +81,41 @@ def score_of(summary: Mapping) -> float:
     return summary["mean_accuracy"] if math.isnan(value) else value
 
 
-def record_run(
+def version_tags(spec: MergeSpec, method: str, params: Mapping, lineage: Mapping[str, str]):
+    """The tags of a registered version: lineage (sources, digests, the Prefect run), the
+    code and the spec that made it, the method and its parameters."""
+    return {
+        **lineage,
+        "mergeflow.version": mergeflow.__version__,
+        "mergeflow.code_version": code_version(),
+        "mergeflow.spec_digest": spec.digest(),
+        "method": method,
+        "params": json.dumps(dict(params), sort_keys=True),
+        **{k: str(v) for k, v in params.items() if k in ("rank_ratio", "scale")},
+    }
+
+
+def log_pipeline_run(
     spec: MergeSpec,
-    weights: Callable[[], Mapping[str, torch.Tensor]],
-    heads: Mapping[str, torch.Tensor],
-    classes: Mapping[str, tuple[str, ...]],
-    best: dict,
+    winner: Mapping,
     grid: list[dict],
-    comparison: dict,
+    comparison: Mapping[str, dict],
     lineage: Mapping[str, str],
-    registration_key: str,
-    report_data: str,
-    rescore: Callable[[str], float] | None = None,
     charts: Mapping[str, str] | None = None,
-) -> dict:
-    """``grid``: one dict per point with method, params, label, accuracy (per task),
-    mean_accuracy, mean_normalized. ``best``: the chosen point. ``comparison``: label →
-    summary on the report split, the chosen point's under its label. ``weights`` gives the
-    winner's state dict; it is called only when this model is not registered yet (see
-    :func:`mergeflow.registry.register_merged_model` for ``registration_key``,
-    ``report_data`` and ``rescore``). ``charts``: run-relative path → image file."""
+) -> str:
+    """Log a pipeline run in the spec's experiment and return its run id: the grid as
+    nested runs (and as steps of the parent), the winner's report metrics and each
+    baseline's, ``results.json`` (grid and comparison) and the charts.
+
+    ``grid``: one dict per point with method, params, label, accuracy (per task),
+    mean_accuracy, mean_normalized. ``winner``: the chosen point's method, params and
+    label. ``comparison``: label → summary on the report split, the winner's under its
+    label. ``charts``: run-relative path → image file."""
     import mlflow
 
     _use_experiment(_experiment_name(spec))
-    winner = comparison[best["label"]]
-    reused = reuse_version(
-        mlflow.MlflowClient(),
-        spec.registered_model,
-        registration_key,
-        score_of(winner),
-        report_data,
-        rescore,
-    )
-    if reused is not None:
-        return _registration_result(reused, spec)
-    with mlflow.start_run(run_name=best["label"]) as run:
+    summary = comparison[winner["label"]]
+    with mlflow.start_run(run_name=winner["label"]) as run:
         mlflow.set_tags({"mergeflow.spec": spec.model_dump_json()[:5000], **lineage})
         for i, point in enumerate(grid):
             with mlflow.start_run(run_name=f"grid {point['label']}", nested=True):
@@ -132,116 +130,60 @@ def record_run(
             # the same figures as steps of the parent, so one chart shows them against rank
             mlflow.log_metric("grid_selection_mean_normalized", point["mean_normalized"], step=i)
         metrics = {
-            SCORE_METRIC: winner["mean_normalized"],
-            "report_mean_accuracy": winner["mean_accuracy"],
+            SCORE_METRIC: summary["mean_normalized"],
+            "report_mean_accuracy": summary["mean_accuracy"],
         }
-        for task, acc in winner["accuracy"].items():
+        for task, acc in summary["accuracy"].items():
             metrics[f"report_accuracy.{task}"] = acc
-            metrics[f"report_normalized.{task}"] = winner["normalized"][task]
-        for candidate, summary in comparison.items():
-            if candidate != best["label"]:
-                name = metric_name(candidate.replace(":", "."))
-                metrics[f"baseline.{name}.report_mean_accuracy"] = summary["mean_accuracy"]
+            metrics[f"report_normalized.{task}"] = summary["normalized"][task]
+        for label, other in comparison.items():
+            if label != winner["label"]:
+                name = metric_name(label.replace(":", "."))
+                metrics[f"baseline.{name}.report_mean_accuracy"] = other["mean_accuracy"]
+        mlflow.log_metrics(metrics)
+        mlflow.log_params(
+            {
+                "method": winner["method"],
+                **winner["params"],
+                "model": spec.model,
+                "num_tasks": len(spec.tasks),
+            }
+        )
         mlflow.log_text(
             json.dumps({"grid": grid, "comparison": comparison}, indent=2), "results.json"
         )
         for artifact_path, local in (charts or {}).items():
             mlflow.log_artifact(local, str(Path(artifact_path).parent))
-        registration = register_merged_model(
-            name=spec.registered_model,
-            model_config=spec.model,
-            weights=weights,
-            heads=heads,
-            classes=classes,
-            score=score_of(winner),
-            params={
-                "method": best["method"],
-                **best["params"],
-                "model": spec.model,
-                "num_tasks": len(spec.tasks),
-            },
-            metrics=metrics,
-            tags={
-                **lineage,
-                "mergeflow.version": mergeflow.__version__,
-                "mergeflow.code_version": code_version(),
-                "mergeflow.spec_digest": spec.digest(),
-                "method": best["method"],
-                "params": json.dumps(best["params"], sort_keys=True),
-                **{k: str(v) for k, v in best["params"].items() if k in ("rank_ratio", "scale")},
-            },
-            registration_key=registration_key,
-            report_data=report_data,
-            rescore=rescore,
-            run_id=run.info.run_id,
-        )
-    return _registration_result(registration, spec)
+        return run.info.run_id
 
 
-def record_index(
-    spec: MergeSpec,
-    compression: Mapping,
-    summary: Mapping,
-    heads: Mapping[str, torch.Tensor],
-    classes: Mapping[str, tuple[str, ...]],
-    lineage: Mapping[str, str],
-    registration_key: str,
-    report_data: str,
-    rescore: Callable[[str], float] | None = None,
-    complement: Mapping[str, torch.Tensor] | None = None,
-) -> dict:
-    """Register the CART index as ``REGISTERED_MODEL-indexed``: one model that rebuilds the
-    named task's weights on demand. ``summary``: per-task report accuracy of the rebuilt
-    models against the fine-tuned ones. ``complement``: the base's tensors the index lacks."""
+def log_index_run(
+    spec: MergeSpec, compression: Mapping, summary: Mapping, lineage: Mapping[str, str]
+) -> str:
+    """Log the CART index's run (its size against the checkpoints, each task's report
+    accuracy of the rebuilt models) in the spec's experiment; returns its run id."""
     import mlflow
 
     assert spec.compression is not None
     _use_experiment(_experiment_name(spec))
-    name = f"{spec.registered_model}-indexed"
     settings = spec.compression.model_dump(exclude={"register_model"}, exclude_none=True)
-    reused = reuse_version(
-        mlflow.MlflowClient(), name, registration_key, score_of(summary), report_data, rescore
-    )
-    if reused is not None:
-        return _registration_result(reused, spec)
     with mlflow.start_run(run_name=f"cart_indexed {settings}") as run:
         mlflow.set_tags(dict(lineage))
-        metrics = {
-            "index_bytes": compression["index_bytes"],
-            "checkpoint_bytes": compression["checkpoint_bytes"],
-            "storage_ratio": compression["ratio"],
-            "report_mean_accuracy": summary["mean_accuracy"],
-            SCORE_METRIC: summary["mean_normalized"],
-            **{f"report_accuracy.{t}": a for t, a in summary["accuracy"].items()},
-        }
-        registration = register_merged_model(
-            name=name,
-            model_config=spec.model,
-            weights=None,
-            index_path=compression["path"],
-            complement=complement,
-            heads=heads,
-            classes=classes,
-            score=score_of(summary),
-            params={"method": "cart_indexed", **settings, "model": spec.model},
-            metrics=metrics,
-            tags={
-                **lineage,
-                "mergeflow.version": mergeflow.__version__,
-                "mergeflow.code_version": code_version(),
-                "mergeflow.spec_digest": spec.digest(),
-                "method": "cart_indexed",
-                "params": json.dumps(settings, sort_keys=True),
-            },
-            registration_key=registration_key,
-            report_data=report_data,
-            rescore=rescore,
-            run_id=run.info.run_id,
+        mlflow.log_metrics(
+            {
+                "index_bytes": compression["index_bytes"],
+                "checkpoint_bytes": compression["checkpoint_bytes"],
+                "storage_ratio": compression["ratio"],
+                "report_mean_accuracy": summary["mean_accuracy"],
+                SCORE_METRIC: summary["mean_normalized"],
+                **{f"report_accuracy.{t}": a for t, a in summary["accuracy"].items()},
+            }
         )
-    return _registration_result(registration, spec)
+        mlflow.log_params({"method": "cart_indexed", **settings, "model": spec.model})
+        return run.info.run_id
 
 
-def _registration_result(registration, spec: MergeSpec) -> dict:
+def describe_registration(registration, spec: MergeSpec) -> dict:
     """The registration as a small dict, with where its run's artifacts are and, for an
     HTTP tracking server, the run's page."""
     import mlflow

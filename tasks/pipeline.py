@@ -1,7 +1,9 @@
-"""Prefect tasks of the merge pipeline: thin wrappers over ``mergeflow.pipeline``.
+"""Prefect tasks of the merge pipeline: one thin task per verb over ``mergeflow.pipeline``.
 
-They pass the spec, URIs and small dicts of scores; weights and images stay on disk under
-the cache. Only I/O retries (registration); the math never does.
+Each takes the run's :class:`~mergeflow.run.RunInputs` (the spec, the checkpoints' digests,
+the cache folder) and, where it acts on one, a candidate; each returns URIs or small dicts of
+scores. Weights and images stay in the result store and the cache. Only I/O retries
+(fetching, registration); the math never does.
 """
 
 from __future__ import annotations
@@ -11,210 +13,134 @@ from pathlib import Path
 from prefect import task
 
 from mergeflow import pipeline
-from mergeflow.errors import RegistrationError
+from mergeflow.candidates import AnyCandidate, DataAware
 from mergeflow.evaluation import REPORT, SELECTION
+from mergeflow.run import RunInputs, open_run
 from mergeflow.spec import MergeSpec
-from mergeflow.storage import CheckpointCache
 from tasks.checkpoints import RETRY_ON_SERVER_ERRORS
 
 
-def _cache(cache_dir: str | None) -> CheckpointCache:
-    return CheckpointCache(cache_dir)
+@task(
+    name="resolve inputs",
+    task_run_name="resolve the checkpoints of {spec.registered_model}",
+    retries=3,
+    retry_delay_seconds=[2, 10, 30],
+)
+def resolve_inputs(spec: MergeSpec, cache_dir: str | None = None) -> RunInputs:
+    """The spec with its checkpoints' digests (fetched through the cache when not there)."""
+    return RunInputs.resolve(spec, cache_dir)
+
+
+@task(name="check bases", task_run_name="check the bases of {inputs.spec.registered_model}")
+def check_bases(inputs: RunInputs) -> dict[str, float]:
+    """Each task's relative distance from the base; refuses (or warns about) a checkpoint
+    that was not fine-tuned from it, before any merge."""
+    return pipeline.check_bases(open_run(inputs))
 
 
 @task(
-    name="prepare evaluation", task_run_name="prepare heads and images of {spec.registered_model}"
+    name="prepare evaluation",
+    task_run_name="prepare heads and images of {inputs.spec.registered_model}",
 )
-def prepare_evaluation(spec: MergeSpec, cache_dir: str | None = None) -> dict:
+def prepare_evaluation(inputs: RunInputs) -> dict:
     """Build every task's zero-shot head and prepared splits (once; cached on disk)."""
-    context = pipeline.evaluation_context(spec, _cache(cache_dir))
+    context = open_run(inputs).context
     return {
         t.name: {split: len(data.labels) for split, data in t.splits.items()} for t in context.tasks
     }
 
 
-@task(name="check bases", task_run_name="check the bases of {spec.registered_model}")
-def check_bases(spec: MergeSpec, cache_dir: str | None = None) -> dict[str, float]:
-    """Each task's relative distance from the base; refuses (or warns about) a checkpoint
-    that was not fine-tuned from it, before any merge."""
-    return pipeline.check_bases(spec, _cache(cache_dir))
+@task(name="factorize", task_run_name="factorize {inputs.spec.registered_model}", tags=["gpu"])
+def factorize(inputs: RunInputs) -> str:
+    """One SVD per (matrix, task) up to the grid's largest rank; the factors' local path."""
+    return open_run(inputs).factors_path()
 
 
-@task(name="factorize", task_run_name="factorize {spec.registered_model}", tags=["gpu"])
-def factorize_checkpoints(spec: MergeSpec, cache_dir: str | None = None) -> str:
-    """One SVD per (matrix, task); returns the path of the saved factors."""
-    return pipeline.factorize(spec, _cache(cache_dir))
-
-
-@task(name="evaluate grid point", task_run_name="evaluate rank={rank_ratio} scale={scale}")
-def evaluate_grid_point(
-    spec: MergeSpec,
-    factors_path: str,
-    rank_ratio: float,
-    scale: float,
-    cache_dir: str | None = None,
-) -> dict[str, float]:
-    """Selection-split accuracy per task of one CART grid point (cached by content)."""
-    return pipeline.score_grid_point(spec, _cache(cache_dir), factors_path, rank_ratio, scale)
-
-
-@task(name="score candidate", task_run_name="score {candidate[label]} on {split}")
-def score_candidate(
-    spec: MergeSpec,
-    candidate: dict,
-    split: str = REPORT,
-    factors_path: str | None = None,
-    cache_dir: str | None = None,
-) -> dict[str, float]:
-    """Per-task accuracy of a candidate ({method, params, label}) on a split, cached by the
-    candidate's recipe and the data's digest. Candidates that are one model per task
-    (finetuned, tall_masks, cart_indexed) score each task's own model on that task only."""
-    if split not in (SELECTION, REPORT):
-        raise ValueError(f"split must be {SELECTION!r} or {REPORT!r}, not {split!r}")
-    return pipeline.score_candidate(spec, _cache(cache_dir), candidate, split, factors_path)
-
-
-@task(name="merge with data", task_run_name="adapt {candidate[label]}", tags=["gpu"])
-def merge_with_data(spec: MergeSpec, candidate: dict, cache_dir: str | None = None) -> str:
+@task(name="adapt", task_run_name="adapt {candidate.label}", tags=["gpu"])
+def adapt(inputs: RunInputs, candidate: DataAware) -> str:
     """Run a data-aware method (AdaMerging, CART + AdaMerging, Fisher, RegMean) once per
     checkpoints, params and samples; returns the URI of its merged weights in the result
     store. On the GPU when there is one: the adaptation's forward and backward passes are
     the costly part of these methods."""
-    uri, _ = pipeline.data_aware_weights(spec, _cache(cache_dir), candidate)
+    uri, _ = candidate.adapted(open_run(inputs))
     return uri
 
 
-@task(name="read adaptation", task_run_name="read what {candidate[label]} learned")
-def read_adaptation(spec: MergeSpec, candidate: dict, cache_dir: str | None = None) -> dict:
+@task(name="score", task_run_name="score {candidate.label} on {split}")
+def score(inputs: RunInputs, candidate: AnyCandidate, split: str = REPORT) -> dict[str, float]:
+    """Per-task accuracy of a candidate on a split, kept by the candidate's content key and
+    the data's digest."""
+    if split not in (SELECTION, REPORT):
+        raise ValueError(f"split must be {SELECTION!r} or {REPORT!r}, not {split!r}")
+    return pipeline.score(open_run(inputs), candidate, split)
+
+
+@task(name="read adaptation", task_run_name="read what {candidate.label} learned")
+def read_adaptation(inputs: RunInputs, candidate: DataAware) -> dict:
     """Coefficients, entropies and sample counts of a data-aware candidate (from its file)."""
-    return pipeline.adaptation_info(spec, _cache(cache_dir), candidate)
+    return candidate.learned(open_run(inputs))
 
 
-@task(name="compress", task_run_name="compress {spec.registered_model}", tags=["gpu"])
-def compress_checkpoints(spec: MergeSpec, cache_dir: str | None = None) -> dict:
-    """Build (or reuse) the CART index; returns its path and its size against the checkpoints."""
-    cache = _cache(cache_dir)
-    path = pipeline.index_path(spec, cache)
-    index_bytes = pipeline.load_index(path).num_bytes()
-    checkpoint_bytes = pipeline.checkpoint_bytes(spec, cache)
-    return {
-        "path": path,
-        "index_bytes": index_bytes,
-        "checkpoint_bytes": checkpoint_bytes,
-        "ratio": index_bytes / checkpoint_bytes,
-    }
+@task(name="compress", task_run_name="compress {inputs.spec.registered_model}", tags=["gpu"])
+def compress(inputs: RunInputs) -> dict:
+    """Build (or reuse) the CART index; its path, label and size against the checkpoints."""
+    return pipeline.compression_summary(open_run(inputs))
 
 
 @task(name="score index", task_run_name="score the CART index on {split}")
-def score_index(
-    spec: MergeSpec, index_path: str, split: str = REPORT, cache_dir: str | None = None
-) -> dict[str, float]:
+def score_index(inputs: RunInputs, index_path: str, split: str = REPORT) -> dict[str, float]:
     """Each task's model rebuilt from the index, scored on that task (cached)."""
-    return pipeline.score_index(spec, _cache(cache_dir), index_path, split)
-
-
-def _rescore(spec: MergeSpec, cache: CheckpointCache):
-    """How the promotion gate scores a champion that was scored on other report data."""
-    from mergeflow.tracking import score_of
-
-    def rescore(model_uri: str) -> float:
-        scores = pipeline.registered_model_scores(spec, cache, model_uri)
-        return score_of(pipeline.summary_of(spec, cache, scores))
-
-    return rescore
+    return pipeline.score_index(open_run(inputs), index_path, split)
 
 
 @task(
     name="register merged model",
-    task_run_name="register {spec.registered_model}",
+    task_run_name="register {inputs.spec.registered_model}",
     **RETRY_ON_SERVER_ERRORS,
 )
 def register_winner(
-    spec: MergeSpec,
-    factors_path: str,
-    best: dict,
+    inputs: RunInputs,
+    winner: AnyCandidate,
     grid: list[dict],
     comparison: dict,
     lineage: dict[str, str],
     charts: dict[str, str] | None = None,
-    cache_dir: str | None = None,
 ) -> dict:
-    """Log the grid, the comparison and the charts to MLflow and register the winner, once
-    per model: a retry or a re-run that finds this model registered makes no new version.
-    The winner's weights are written to the result store first; if the registry cannot be
-    reached, the error says where they are."""
-    from mergeflow.checkpoints import load_state_dict
-    from mergeflow.tracking import record_run
-
-    cache = _cache(cache_dir)
-    model_key = pipeline.candidate_key(spec, cache, best, factors_path)
-    weights_uri, weights_path = pipeline.merged_weights(spec, cache, best, factors_path)
-    heads, classes = pipeline.heads_and_classes(spec, cache)
-    try:
-        return record_run(
-            spec,
-            lambda: load_state_dict(weights_path),
-            heads,
-            classes,
-            best,
-            grid,
-            comparison,
-            lineage,
-            registration_key=pipeline.registration_key(spec.registered_model, model_key),
-            report_data=pipeline.report_digest(spec, cache),
-            rescore=_rescore(spec, cache),
-            charts=charts,
-        )
-    except Exception as exc:
-        raise RegistrationError(
-            f"registering {spec.registered_model} failed ({type(exc).__name__}: {exc}); "
-            f"the merged weights of {best['label']} are kept at {weights_uri}"
-        ) from exc
+    """Log the run (grid, comparison, charts) to MLflow and register the winner, once per
+    model: a retry or a re-run that finds this model registered makes no new version."""
+    return pipeline.register_winner(open_run(inputs), winner, grid, comparison, lineage, charts)
 
 
 @task(
     name="register index",
-    task_run_name="register {spec.registered_model}-indexed",
+    task_run_name="register {inputs.spec.registered_model}-indexed",
     **RETRY_ON_SERVER_ERRORS,
 )
-def register_index(
-    spec: MergeSpec, compression: dict, scores: dict, lineage: dict, cache_dir: str | None = None
-) -> dict:
+def register_index(inputs: RunInputs, compression: dict, summary: dict, lineage: dict) -> dict:
     """Register the CART index as one model that takes the task name (once per index)."""
-    from mergeflow.tracking import record_index
-
-    cache = _cache(cache_dir)
-    heads, classes = pipeline.heads_and_classes(spec, cache)
-    name = f"{spec.registered_model}-indexed"
-    return record_index(
-        spec,
-        compression,
-        scores,
-        heads,
-        classes,
-        lineage,
-        registration_key=pipeline.registration_key(name, Path(compression["path"]).stem),
-        report_data=pipeline.report_digest(spec, cache),
-        rescore=_rescore(spec, cache),
-        complement=pipeline.index_complement(spec, cache, compression["path"]),
-    )
+    return pipeline.register_index(open_run(inputs), compression, summary, lineage)
 
 
-@task(name="draw charts", task_run_name="draw charts of {spec.registered_model}")
-def draw_charts(spec: MergeSpec, grid: list[dict], comparison: dict, folder: str) -> dict:
-    """Accuracy against rank per scale, per-task bars and radar; run-relative path → file."""
+@task(name="draw charts", task_run_name="draw charts of {name}")
+def draw_charts(name: str, grid: list[dict], comparison: dict, folder: str) -> dict:
+    """Accuracy against rank per scale, the models × tasks heatmap, per-task bars and radar
+    of the best of each kind; run-relative path → file."""
     from mergeflow import charts
 
     out = Path(folder)
     drawn = {
         "charts/accuracy_vs_rank.png": charts.accuracy_vs_rank(grid, out / "accuracy_vs_rank.png"),
+        "charts/per_task_heatmap.png": charts.per_task_heatmap(
+            comparison, out / "per_task_heatmap.png"
+        ),
         "charts/per_task_bars.png": charts.per_task_bars(comparison, out / "per_task_bars.png"),
     }
-    if len(spec.tasks) >= 3:
+    num_tasks = len(next(iter(comparison.values()))["accuracy"]) if comparison else 0
+    if num_tasks >= 3:
         drawn["charts/per_task_radar.png"] = charts.per_task_radar(
             comparison, out / "per_task_radar.png"
         )
-    return {name: str(path) for name, path in drawn.items()}
+    return {path: str(file) for path, file in drawn.items()}
 
 
 @task(
@@ -222,10 +148,7 @@ def draw_charts(spec: MergeSpec, grid: list[dict], comparison: dict, folder: str
     task_run_name="score {model_uri} on {split}",
     **RETRY_ON_SERVER_ERRORS,
 )
-def score_registered_model(
-    spec: MergeSpec, model_uri: str, split: str = REPORT, cache_dir: str | None = None
-) -> dict:
+def score_registered_model(inputs: RunInputs, model_uri: str, split: str = REPORT) -> dict:
     """Load ``model_uri`` from the MLflow registry and summarize it on the spec's split."""
-    cache = _cache(cache_dir)
-    scores = pipeline.registered_model_scores(spec, cache, model_uri, split)
-    return pipeline.summary_of(spec, cache, scores, split)
+    run = open_run(inputs)
+    return pipeline.summary_of(run, pipeline.registered_model_scores(run, model_uri, split), split)

@@ -6,8 +6,14 @@ import os
 import re
 import socket
 
+import prefect  # noqa: F401  (see below)
 import pytest
 import torch
+
+# Importing prefect sets up its logging, whose console handler keeps the sys.stderr of that
+# moment. Imported here, at collection, that is pytest's session-long capture; imported
+# first inside a test using capfd/capsys, it would be that test's capture, closed after it,
+# and every later Prefect log line would fail to write (an order dependence).
 
 
 def tiny_tower_state(seed: int = 0, width: int = 32, layers: int = 2) -> dict[str, torch.Tensor]:
@@ -59,6 +65,32 @@ def finetune_like(base: dict[str, torch.Tensor], num_tasks: int, seed: int = 1, 
             model[key] = (value.float() + delta).to(value.dtype)
         models.append(model)
     return models
+
+
+def run_of(spec, cache_dir):
+    """The :class:`~mergeflow.run.Run` of ``spec`` with its digests resolved through the
+    cache at ``cache_dir`` (what the flow builds from its fetches)."""
+    from mergeflow.run import RunInputs, open_run
+
+    return open_run(RunInputs.resolve(spec, str(cache_dir)))
+
+
+def planned(spec, label: str):
+    """The candidate of ``spec``'s plan (grid, baselines, references) labelled ``label``."""
+    from mergeflow.plan import make_plan
+
+    plan = make_plan(spec)
+    every = [c for _, c in plan.grid] + list(plan.baselines) + list(plan.references)
+    return next(c for c in every if c.label == label)
+
+
+def candidate(method: str, label: str | None = None, **params):
+    """The candidate for a method with ``params``, as a spec's baseline would give it (CART
+    merged over the checkpoints, not rebuilt from a grid's factors)."""
+    from mergeflow.plan import candidate_of
+    from mergeflow.spec import MethodSpec
+
+    return candidate_of(MethodSpec(method=method, params=params, label=label), 0.0)[0]
 
 
 @pytest.fixture(scope="session")
@@ -131,7 +163,7 @@ ZOO_TASKS = ("shapes", "letters", "digits")
 @pytest.fixture(scope="session")
 def zoo(tmp_path_factory):
     """A reduced offline zoo (3 tasks, short training), built once per session."""
-    from mergeflow.zoo.zoo import ZooConfig, build_zoo
+    from zoo.zoo import ZooConfig, build_zoo
 
     folder = tmp_path_factory.mktemp("zoo")
     config = ZooConfig(
@@ -154,7 +186,7 @@ def demo_zoo():
     12 minutes on 2 cores; ``make demo`` then reuses it)."""
     from pathlib import Path
 
-    from mergeflow.zoo.zoo import build_zoo
+    from zoo.zoo import build_zoo
 
     folder = Path(__file__).resolve().parent.parent / ".demo" / "zoo"
     return folder, build_zoo(folder, say=lambda line: None)

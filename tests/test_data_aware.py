@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import candidate
 
 from mergeflow.data_aware.fisher import fisher_merge_tensor
 from mergeflow.data_aware.regmean import regmean_merge_matrix
@@ -46,15 +47,14 @@ def test_regmean_is_the_least_squares_merge():
 
 
 def _spec_and_context(zoo, cache_folder):
-    """The spec of a built zoo read from its folder, a cache, and its evaluation context."""
-    from mergeflow import pipeline
-    from mergeflow.storage import CheckpointCache
-    from mergeflow.zoo.zoo import zoo_spec
+    """The run of a built zoo's spec (read from its folder) and its evaluation context."""
+    from conftest import run_of
+
+    from zoo.zoo import zoo_spec
 
     folder, manifest = zoo
-    spec = zoo_spec(manifest, str(folder), "zoo-data-aware", device="cpu")
-    cache = CheckpointCache(cache_folder)
-    return spec, cache, pipeline.evaluation_context(spec, cache)
+    run = run_of(zoo_spec(manifest, str(folder), "zoo-data-aware", device="cpu"), cache_folder)
+    return run, run.context
 
 
 @pytest.fixture(scope="module")
@@ -69,13 +69,9 @@ def local_zoo(zoo, tmp_path_factory):
 @pytest.mark.parametrize("diversity", [0.0, 1.0])
 def test_adaptation_lowers_the_objective_it_optimizes(local_zoo, method, start, diversity):
     """Entropy alone (AdaMerging's objective), and entropy less the diversity term."""
-    from mergeflow import pipeline
-
-    spec, cache, _ = local_zoo
-    params = {"steps": 20, "lr": 1e-3, "samples": 32, "diversity": diversity}
-    candidate = {"method": method, "params": params}
-    pipeline.candidate_state(spec, cache, candidate)
-    info = pipeline.adaptation_info(spec, cache, candidate)
+    run, _ = local_zoo
+    adapted = candidate(method, steps=20, lr=1e-3, samples=32, diversity=diversity)
+    info = adapted.learned(run)
     assert info["objective_after"] < info["objective_before"]
     if diversity == 0.0:
         assert info["objective_before"] == pytest.approx(info["entropy_before"])
@@ -84,32 +80,22 @@ def test_adaptation_lowers_the_objective_it_optimizes(local_zoo, method, start, 
         # the diversity term is the entropy of the mean prediction: never above ln C
         assert info["objective_before"] < info["entropy_before"]
     coefficients = info["coefficients"]
-    assert set(coefficients) == {t.name for t in spec.tasks}
+    assert set(coefficients) == set(run.task_names)
     assert any(c != start["scale"] for row in coefficients.values() for c in row)
 
 
 def test_adaptation_with_zero_steps_is_its_starting_point(local_zoo):
-    from mergeflow import pipeline
-
-    spec, cache, context = local_zoo
-    state = pipeline.candidate_state(
-        spec, cache, {"method": "cart_adamerging", "params": {"steps": 0, "init": 1.5}}
-    )
-    start = pipeline.merge_state(spec, cache, "cart", {"rank_ratio": 0.12, "scale": 1.5})
+    run, _ = local_zoo
+    state = candidate("cart_adamerging", steps=0, init=1.5).weights(run)
+    start = candidate("cart", rank_ratio=0.12, scale=1.5).weights(run)
     for key in start:
         torch.testing.assert_close(state[key], start[key], atol=1e-5, rtol=1e-4)
 
 
 def test_eata_selection_keeps_confident_samples_only(local_zoo):
-    from mergeflow import pipeline
-
-    spec, cache, _ = local_zoo
-    candidate = {
-        "method": "adamerging",
-        "params": {"steps": 5, "select": "eata", "entropy_margin": 0.4, "samples": 32},
-    }
-    pipeline.candidate_state(spec, cache, candidate)
-    kept = pipeline.adaptation_info(spec, cache, candidate)["samples_kept"]
+    run, _ = local_zoo
+    adapted = candidate("adamerging", steps=5, select="eata", entropy_margin=0.4, samples=32)
+    kept = adapted.learned(run)["samples_kept"]
     assert all(0 <= share < 1 for share in kept.values())
 
 
@@ -149,20 +135,19 @@ def test_eata_keeps_the_confident_and_non_redundant_weighted_by_their_certainty(
 
 @pytest.mark.parametrize("method", ["fisher", "regmean"])
 def test_fisher_and_regmean_change_only_what_their_data_reaches(local_zoo, method):
-    from mergeflow import pipeline
-
-    spec, cache, _ = local_zoo
-    merged = pipeline.candidate_state(spec, cache, {"method": method, "params": {"samples": 16}})
-    averaged = pipeline.merge_state(spec, cache, "average", {})
+    run, _ = local_zoo
+    adapted = candidate(method, samples=16)
+    merged = adapted.state(run)
+    averaged = candidate("average").state(run)
     changed = {k for k in merged if not torch.equal(merged[k], averaged[k])}
     assert changed and all(k.startswith("visual.") for k in changed)
-    info = pipeline.adaptation_info(spec, cache, {"method": method, "params": {"samples": 16}})
+    info = adapted.learned(run)
     if method == "regmean":
         # the layers whose inputs it saw changed; the attention output projections did not
         assert set(info["merged_by_regmean"]) <= changed | {"visual.proj"}
         assert not any(k.endswith("out_proj.weight") for k in changed)
     else:
-        assert set(info["fisher_mass"]) == {t.name for t in spec.tasks}
+        assert set(info["fisher_mass"]) == set(run.task_names)
 
 
 @pytest.fixture(scope="module")
@@ -182,24 +167,26 @@ def _demo_adaptations():
     ]
 
 
-@pytest.mark.slow
+@pytest.mark.full  # the demo's own zoo: about 12 minutes to build
 @pytest.mark.parametrize(
     "candidate", _demo_adaptations(), ids=lambda b: b.get("label", b["method"]).replace(" ", "-")
 )
 def test_adaptation_keeps_mean_accuracy_on_the_demo_zoo(demo_zoo_context, candidate):
     """The demo's adaptations, on the demo's zoo, against their own starting points (the same
     coefficients, no step): adapted on the validation images, scored on the test splits."""
-    from mergeflow import pipeline
+    from conftest import candidate as candidate_for
+
     from mergeflow.evaluation import REPORT
 
-    spec, cache, context = demo_zoo_context
+    run, context = demo_zoo_context
 
-    def mean_accuracy(chosen: dict) -> float:
-        scores = context.score(pipeline.candidate_state(spec, cache, chosen), REPORT)
+    def mean_accuracy(chosen) -> float:
+        scores = context.score(chosen.state(run), REPORT)
         return sum(scores.values()) / len(scores)
 
-    start = {**candidate, "params": {**candidate["params"], "steps": 0}}
-    before, after = mean_accuracy(start), mean_accuracy(candidate)
-    info = pipeline.adaptation_info(spec, cache, candidate)
+    adapted = candidate_for(candidate["method"], **candidate["params"])
+    start = candidate_for(candidate["method"], **{**candidate["params"], "steps": 0})
+    before, after = mean_accuracy(start), mean_accuracy(adapted)
+    info = adapted.learned(run)
     assert info["objective_after"] < info["objective_before"]
     assert after >= before, f"mean test accuracy {before:.4f} -> {after:.4f} ({info})"

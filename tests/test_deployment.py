@@ -16,7 +16,12 @@ from pathlib import Path
 import mlflow
 import pytest
 
+from mergeflow.spec import MergeSpec
+
 ROOT = Path(__file__).resolve().parent.parent
+
+# a real Prefect server / every format through the whole pipeline: make test-all only
+pytestmark = pytest.mark.full
 
 
 def _free_port() -> int:
@@ -39,6 +44,12 @@ def _wait_healthy(url: str, process: subprocess.Popen, log: Path, seconds: float
     raise RuntimeError(f"Prefect server not healthy after {seconds} s:\n{log.read_text()[-3000:]}")
 
 
+def _setup_prefect(env: dict, *args: str) -> subprocess.CompletedProcess:
+    """``infra/setup_prefect.py ARGS`` as an operator runs it (``make deploy``)."""
+    command = [sys.executable, "infra/setup_prefect.py", *args]
+    return subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
 @pytest.fixture(scope="module")
 def prefect_server(tmp_path_factory):
     """``prefect server start`` on a free port of 127.0.0.1; yields (API URL, environment)."""
@@ -51,7 +62,8 @@ def prefect_server(tmp_path_factory):
         {
             "PREFECT_HOME": str(home),
             "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}",
-            "PREFECT_UI_ENABLED": "false",
+            # the UI too, for the browser test: served by the server, calling its API
+            "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api",
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "DO_NOT_TRACK": "1",
         }
@@ -125,7 +137,7 @@ def test_deployments_run_from_ui_parameters_and_on_schedule_from_a_variable(
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from mergeflow.zoo.zoo import upload_zoo, zoo_spec
+    from zoo.zoo import upload_zoo, zoo_spec
 
     url, _ = prefect_server
     env, worker_log = worker
@@ -140,31 +152,41 @@ def test_deployments_run_from_ui_parameters_and_on_schedule_from_a_variable(
         scales=(1.0,),
         baselines=["average", "finetuned"],
     )
+    # a spec longer than a Prefect variable holds (5,000 characters; the demo's has about
+    # 5,900): setup stores it as an object, and the variable names it
+    data = spec.model_dump(mode="json")
+    for task in data["tasks"]:
+        task["templates"] = [f"a photo of a {{c}}, seen the {i}th way." for i in range(25)]
+    spec = MergeSpec.parse(data)
     spec_file = tmp_path / "nightly.yaml"
     spec_file.write_text(spec.to_yaml())
+    assert len(spec_file.read_text()) > 5000
+
+    # without anywhere to store it, setup refuses in one line, before it deploys anything
+    refused = _setup_prefect(
+        {**env, "MERGEFLOW_RESULT_STORE": ""}, "--nightly-spec", str(spec_file)
+    )
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert refused.stderr.strip().count("\n") == 0, refused.stderr
+    assert "more than a Prefect variable holds (5000): give --spec-store" in refused.stderr
 
     # pools, the gpu tag limit, the nightly spec variable and the deployments, as an
     # operator would set them up (make deploy)
-    setup = subprocess.run(
-        [
-            sys.executable,
-            "infra/setup_prefect.py",
-            "--gpus",
-            "2",
-            "--nightly-spec",
-            str(spec_file),
-            "--deployment",
-            "on-demand",
-            "--deployment",
-            "nightly",
-        ],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    setup = _setup_prefect(
+        env,
+        "--gpus",
+        "2",
+        "--nightly-spec",
+        str(spec_file),
+        "--spec-store",
+        f"s3://{bucket}/specs",
+        "--deployment",
+        "on-demand",
+        "--deployment",
+        "nightly",
     )
     assert setup.returncode == 0, setup.stdout[-2000:] + setup.stderr[-2000:]
+    assert f"nightly spec: s3://{bucket}/specs/" in setup.stdout
 
     with temporary_settings({PREFECT_API_URL: url}), get_client(sync_client=True) as client:
         assert client.read_work_pool("cpu").type == "process"
@@ -175,7 +197,7 @@ def test_deployments_run_from_ui_parameters_and_on_schedule_from_a_variable(
         assert [s.schedule.cron for s in nightly.schedules] == ["0 2 * * *"]
         # the UI's form: the spec as a typed object with its fields described
         schema = on_demand.parameter_openapi_schema
-        assert schema["required"] == ["spec"]
+        assert {"spec", "spec_uri", "overrides"} <= set(schema["properties"])
         fields = schema["definitions"]["MergeSpec"]["properties"]
         assert fields["registered_model"]["description"]
         assert fields["device"]["default"] == "auto"
@@ -198,3 +220,83 @@ def test_deployments_run_from_ui_parameters_and_on_schedule_from_a_variable(
     assert champion.tags["prefect.flow_run_id"] == str(run.id)
     assert champion.tags["prefect.deployment"] == "merge-pipeline/on-demand"
     assert champion.tags["mergeflow.spec_digest"] == spec.digest()
+
+
+def test_setup_with_no_server_says_so_in_one_line():
+    dead = f"http://127.0.0.1:{_free_port()}/api"
+    env = {**os.environ, "PREFECT_API_URL": dead}
+    setup = _setup_prefect(env, "--no-deploy")
+    assert setup.returncode == 2 and "Traceback" not in setup.stderr
+    assert setup.stderr.startswith("setup_prefect: error: ")
+    assert setup.stderr.strip().count("\n") == 0, setup.stderr
+
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed")
+def test_a_run_from_a_stored_spec_started_in_the_ui_form_completes(
+    prefect_server, worker, zoo, bucket, tracking, tmp_path
+):
+    """Headless Chromium opens the on-demand deployment's run form on a real server, finds
+    the spec fields with their descriptions, starts a run from a spec stored on S3 (by
+    typing its URI), and the worker completes it."""
+    from playwright.sync_api import sync_playwright
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from mergeflow.storage import filesystem
+    from zoo.zoo import upload_zoo, zoo_spec
+
+    url, _ = prefect_server
+    env, worker_log = worker
+    folder, manifest = zoo
+    prefix = f"s3://{bucket}/zoo"
+    upload_zoo(folder, prefix)
+    spec = zoo_spec(
+        manifest, prefix, "from-ui", rank_ratios=(0.1,), scales=(1.0,), baselines=["finetuned"]
+    )
+    spec_uri = f"s3://{bucket}/specs/from-ui.yaml"
+    fs, path = filesystem(spec_uri)
+    with fs.open(path, "w") as f:
+        f.write(spec.to_yaml())
+    setup = _setup_prefect(env, "--deployment", "on-demand")
+    assert setup.returncode == 0, setup.stdout[-2000:] + setup.stderr[-2000:]
+    with temporary_settings({PREFECT_API_URL: url}), get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name("merge-pipeline/on-demand")
+        earlier = {run.id for run in client.read_flow_runs()}
+
+        def new_runs():
+            return [run for run in client.read_flow_runs() if run.id not in earlier]
+
+        base = url.removesuffix("/api")
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+            try:
+                page = browser.new_page(viewport={"width": 1400, "height": 2000})
+                page.goto(f"{base}/deployments/deployment/{deployment.id}/run")
+                page.get_by_text("spec_uri (Optional)").wait_for(timeout=60_000)
+                body = page.inner_text("body")
+                for field in ("spec (Optional)", "overrides (Optional)"):
+                    assert field in body
+                assert "instead of spec, a stored YAML spec" in body
+                assert "changes to the spec for this run" in body
+                # spec_uri's "str" choice, then its text box (the first is the run's name)
+                page.get_by_role("button", name="str", exact=True).first.click()
+                page.get_by_role("textbox").nth(1).fill(spec_uri)
+                page.get_by_role("button", name="Submit").click()
+                deadline = time.monotonic() + 60
+                while not (runs := new_runs()) and time.monotonic() < deadline:
+                    time.sleep(1)
+            finally:
+                browser.close()
+        assert len(runs) == 1 and runs[0].parameters["spec_uri"] == spec_uri
+        deadline = time.monotonic() + 900
+        while time.monotonic() < deadline:
+            state = client.read_flow_run(runs[0].id).state
+            if state.is_final():
+                break
+            time.sleep(3)
+        assert state.is_completed(), f"{state.name}: " + worker_log.read_text()[-4000:]
+    champion = mlflow.MlflowClient().get_model_version_by_alias("from-ui", "champion")
+    assert champion.tags["prefect.flow_run_id"] == str(runs[0].id)

@@ -8,8 +8,8 @@ from mergeflow.evaluation import REPORT, SELECTION, accuracy, prepare_task, summ
 from mergeflow.models import classify, create_model, image_transform, tokenizer_for, zero_shot_head
 from mergeflow.spec import DatasetSpec, TaskSpec
 from mergeflow.storage import CheckpointCache
-from mergeflow.zoo import sources
-from mergeflow.zoo.build import split_indices, write_split
+from zoo import sources
+from zoo.build import split_indices, write_split
 
 CONFIG = "mergeflow-tiny-vit"
 

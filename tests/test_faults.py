@@ -1,4 +1,4 @@
-"""The fault catalogue: every fault the README's table lists, one test each, by stage.
+"""The fault catalogue: every fault docs/faults.md lists, one test each, by stage.
 
 Each test asserts what the user is told (the file, key, field or URI at fault) and that
 nothing earlier is lost or changed: no partial output, earlier outputs and cache entries
@@ -20,12 +20,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import finetune_like, tiny_tower_state
+from conftest import finetune_like, run_of, tiny_tower_state
 
 from mergeflow import pipeline
 from mergeflow.checkpoints import save_state_dict
 from mergeflow.cli import main
 from mergeflow.errors import CheckpointError, ParameterError
+from mergeflow.evaluation import evaluation_context
 from mergeflow.spec import MergeSpec
 from mergeflow.storage import CheckpointCache, file_sha256
 
@@ -162,15 +163,14 @@ class TestCheckpointFaults:
         stranger = finetune_like(tiny_tower_state(seed=7), 1)[0]  # another init
         save_state_dict(stranger, paths["task1"])
         spec = _checkpoint_spec(paths)
-        cache = CheckpointCache(tmp_path / "cache")
         with pytest.raises(ParameterError) as refused:
-            pipeline.check_bases(spec, cache)
+            pipeline.check_bases(run_of(spec, tmp_path / "cache"))
         message = str(refused.value)
         assert "task 'task1'" in message and "task1.safetensors" in message
         assert "max_base_distance 0.5" in message
         # warn instead: the distances come back, the far one is logged
         warned = spec.model_copy(update={"base_check": "warn"})
-        distances = pipeline.check_bases(warned, cache)
+        distances = pipeline.check_bases(run_of(warned, tmp_path / "cache"))
         assert distances["task0"] < 0.5 < distances["task1"]
         assert "task 'task1'" in caplog.text
 
@@ -271,7 +271,7 @@ class TestSpecFaults:
 
     @pytest.fixture
     def zoo_spec_data(self, zoo):
-        from mergeflow.zoo.zoo import zoo_spec
+        from zoo.zoo import zoo_spec
 
         folder, manifest = zoo
         spec = zoo_spec(manifest, str(folder), "faults", rank_ratios=(0.1,), scales=(1.0,))
@@ -280,7 +280,7 @@ class TestSpecFaults:
     def _prepare(self, data, tmp_path):
         spec = MergeSpec.parse(data)
         with pytest.raises(ParameterError) as refused:
-            pipeline.evaluation_context(spec, CheckpointCache(tmp_path / "cache"))
+            evaluation_context(spec, CheckpointCache(tmp_path / "cache"))
         return str(refused.value)
 
     def test_unreadable_dataset(self, zoo_spec_data, tmp_path):
@@ -357,6 +357,7 @@ class TestS3Faults:
             CheckpointCache(tmp_path / "cache").fetch(object_uri)
         assert not list((tmp_path / "cache").rglob("*.safetensors"))
 
+    @pytest.mark.full
     def test_server_going_away_mid_download(
         self, prefect_harness, bucket, tmp_path, monkeypatch, fresh_s3_clients
     ):
@@ -467,7 +468,7 @@ class TestS3Faults:
 def zoo_on_s3(zoo, s3_endpoint):
     import boto3
 
-    from mergeflow.zoo.zoo import upload_zoo
+    from zoo.zoo import upload_zoo
 
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="mf-faults")
     folder, manifest = zoo
@@ -476,7 +477,7 @@ def zoo_on_s3(zoo, s3_endpoint):
 
 
 def _spec(zoo_on_s3, name, **overrides):
-    from mergeflow.zoo.zoo import zoo_spec
+    from zoo.zoo import zoo_spec
 
     prefix, manifest = zoo_on_s3
     settings = {"rank_ratios": (0.1, 0.5), "scales": (1.0,), "baselines": ["average", "finetuned"]}
@@ -490,26 +491,26 @@ class TestRegistryFaults:
         from conftest import _free_port
 
         import flows.merge_pipeline as flow_module
-        import mergeflow.tracking as tracking
+        import mergeflow.registry as registry
         from tasks.pipeline import register_winner
 
         monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{_free_port()}")
         monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
         attempts = []
-        real = tracking.record_run
+        real = registry.registered
 
         def counted(*args, **kwargs):
             attempts.append(1)
             return real(*args, **kwargs)
 
-        monkeypatch.setattr(tracking, "record_run", counted)
+        monkeypatch.setattr(registry, "registered", counted)
         monkeypatch.setattr(
             flow_module, "register_winner", register_winner.with_options(retry_delay_seconds=0)
         )
         spec = _spec(zoo_on_s3, "unreachable")
         with pytest.raises(Exception, match="registering unreachable failed") as failed:
-            flow_module.merge_pipeline(spec, str(tmp_path / "cache"))
+            flow_module.merge_pipeline(spec, cache_dir=str(tmp_path / "cache"))
         assert len(attempts) == 3  # tried, then retried twice: it is a connection failure
         kept = re.search(r"are kept at (\S+\.safetensors)", str(failed.value)).group(1)
         from safetensors.torch import load_file
@@ -517,6 +518,7 @@ class TestRegistryFaults:
         weights = load_file(str(Path(kept)))
         assert "visual.proj" in weights
 
+    @pytest.mark.full
     def test_a_failed_run_leaves_the_champion_and_earlier_results(
         self, prefect_harness, zoo_on_s3, tracking, tmp_path
     ):
@@ -527,7 +529,7 @@ class TestRegistryFaults:
 
         cache_dir = tmp_path / "cache"
         spec = _spec(zoo_on_s3, "kept")
-        merge_pipeline(spec, str(cache_dir))
+        merge_pipeline(spec, cache_dir=str(cache_dir))
         client = mlflow.MlflowClient()
         champion = client.get_model_version_by_alias("kept", "champion")
         store = ResultStore(CheckpointCache(cache_dir))
@@ -546,7 +548,7 @@ class TestRegistryFaults:
                 f.write(whole[: len(whole) // 3])
             wider = _spec(zoo_on_s3, "kept", rank_ratios=(0.1, 0.3, 0.5))
             with pytest.raises(Exception, match=re.escape(broken)):
-                merge_pipeline(wider, str(cache_dir))
+                merge_pipeline(wider, cache_dir=str(cache_dir))
         finally:
             with fs.open(path, "wb") as f:
                 f.write(whole)
@@ -557,6 +559,7 @@ class TestRegistryFaults:
             assert store.read_json("scores", key) == record
 
 
+@pytest.mark.full
 class TestRunFaults:
     def test_a_run_killed_mid_grid_resumes_and_ends_like_a_clean_run(
         self, prefect_harness, zoo_on_s3, tracking, tmp_path
@@ -611,10 +614,10 @@ class TestRunFaults:
 
         with pytest.MonkeyPatch.context() as patch:
             counter = _Counter(patch)
-            resumed = merge_pipeline(spec, str(cache_dir))
+            resumed = merge_pipeline(spec, cache_dir=str(cache_dir))
         with pytest.MonkeyPatch.context() as patch:
             clean_counter = _Counter(patch)
-            clean = merge_pipeline(spec, str(tmp_path / "clean-cache"))
+            clean = merge_pipeline(spec, cache_dir=str(tmp_path / "clean-cache"))
         assert _scores_of(resumed) == _scores_of(clean)
         # each stored record is one forward pass the clean run made and the resumed one
         # did not

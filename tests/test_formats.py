@@ -692,7 +692,7 @@ def test_task_vectors_pickled_modules_are_read_without_their_code(open_clip_mode
 
 
 def test_a_base_without_a_text_tower_is_refused_saying_what_to_give(open_clip_models):
-    from mergeflow.pipeline import check_text_tower
+    from mergeflow.evaluation import check_text_tower
 
     _, _, states = open_clip_models
     check_text_tower(states[0], "base.safetensors")  # a whole CLIP passes

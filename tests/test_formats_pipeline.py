@@ -23,7 +23,10 @@ from PIL import Image
 
 from mergeflow.checkpoints import load_state_dict, save_state_dict
 from mergeflow.cli import main
-from mergeflow.zoo.zoo import zoo_spec
+from zoo.zoo import zoo_spec
+
+# a real Prefect server / every format through the whole pipeline: make test-all only
+pytestmark = pytest.mark.full
 
 
 def run(spec, tmp_path, name) -> dict:

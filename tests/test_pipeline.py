@@ -10,10 +10,14 @@ import pandas as pd
 import pytest
 import torch
 from conftest import ZOO_TASKS as TASKS
+from conftest import candidate, planned, run_of
 from PIL import Image
 
+from mergeflow.candidates import DataAware, FixedMethod, cart_point
+from mergeflow.evaluation import EvaluationContext
 from mergeflow.models import image_transform
-from mergeflow.zoo.zoo import ZooConfig, build_zoo, upload_zoo, zoo_spec
+from mergeflow.run import load_index
+from zoo.zoo import ZooConfig, build_zoo, upload_zoo, zoo_spec
 
 
 def test_zoo_build_is_reused(zoo):
@@ -27,9 +31,7 @@ def test_pipeline_registers_a_champion_that_classifies(
     prefect_harness, zoo, bucket, tracking, tmp_path, capfd
 ):
     from flows.merge_pipeline import merge_pipeline
-    from mergeflow import pipeline
     from mergeflow.models import classify
-    from mergeflow.storage import CheckpointCache
 
     folder, manifest = zoo
     prefix = f"s3://{bucket}/zoo"
@@ -53,7 +55,7 @@ def test_pipeline_registers_a_champion_that_classifies(
         compression={"rank_ratio": 0.25, "register_model": True},
     )
     cache_dir = str(tmp_path / "cache")
-    result = merge_pipeline(spec, cache_dir)
+    result = merge_pipeline(spec, cache_dir=cache_dir)
 
     assert len(result["grid"]) == 6
     assert {p["family"] for p in result["grid"]} == {"cart", "ties"}
@@ -116,10 +118,9 @@ def test_pipeline_registers_a_champion_that_classifies(
     )
     predicted = model.predict(frame)
 
-    cache = CheckpointCache(cache_dir)
-    context = pipeline.evaluation_context(spec, cache)
-    factors = pipeline.factorize(spec, cache)
-    merged = pipeline.candidate_state(spec, cache, best, factors)
+    run = run_of(spec, cache_dir)
+    context = run.context
+    merged = planned(spec, best["label"]).state(run)
     transform = image_transform(context.model)
 
     def expected_labels(state_of_task):
@@ -140,7 +141,7 @@ def test_pipeline_registers_a_champion_that_classifies(
     compression = result["compression"]
     assert compression["index_bytes"] < compression["checkpoint_bytes"]
     indexed = mlflow.pyfunc.load_model("models:/zoo-test-indexed@champion")
-    index = pipeline.load_index(compression["path"])
+    index = load_index(compression["path"])
     rebuilt = indexed.predict(frame)["label_index"].tolist()
     assert rebuilt == expected_labels(lambda task: index.rebuild(task, "cpu"))
 
@@ -153,6 +154,7 @@ def test_pipeline_registers_a_champion_that_classifies(
     artifacts = {a.path for a in client.list_artifacts(champion.run_id, "charts")}
     assert artifacts == {
         "charts/accuracy_vs_rank.png",
+        "charts/per_task_heatmap.png",
         "charts/per_task_bars.png",
         "charts/per_task_radar.png",
     }
@@ -169,11 +171,11 @@ def test_pipeline_registers_a_champion_that_classifies(
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(CartFactors, "factorize", must_not_run)
-        patch.setattr(pipeline.EvaluationContext, "score", must_not_run)
-        patch.setattr(pipeline, "merge_state", must_not_run)
-        patch.setattr(pipeline, "_run_data_aware", must_not_run)
+        patch.setattr(EvaluationContext, "score", must_not_run)
+        patch.setattr(FixedMethod, "weights", must_not_run)
+        patch.setattr(DataAware, "_adapt", must_not_run)
         patch.setattr(CartIndex, "build", must_not_run)
-        again = merge_pipeline(spec, cache_dir)
+        again = merge_pipeline(spec, cache_dir=cache_dir)
     assert again["registration"]["version"] == "1"
     assert again["registration"]["reused"] is True
     assert again["comparison"] == comparison
@@ -215,19 +217,19 @@ def assert_no_secrets(secrets, captured, client, tmp_path):
 
 
 def test_selection_prefers_best_then_cart_then_smaller_rank():
-    from flows.merge_pipeline import _pick_best
+    from mergeflow.selection import GridPoint, pick_best
 
-    def point(method, score, **params):
-        return {"method": method, "params": params, "mean_normalized": score}
+    def point(candidate, score):
+        return GridPoint(candidate.method, candidate, {"mean_normalized": score})
 
     grid = [
-        point("cart", 0.8, rank_ratio=0.1, scale=1.0),
-        point("cart", 0.9, rank_ratio=0.2, scale=1.0),
-        point("ties", 0.9, scale=0.5),
-        point("cart", 0.9, rank_ratio=0.05, scale=2.0),
-        point("cart", 0.9, rank_ratio=0.05, scale=1.0),
+        point(cart_point(0.1, 1.0), 0.8),
+        point(cart_point(0.2, 1.0), 0.9),
+        point(candidate("ties", scale=0.5), 0.9),
+        point(cart_point(0.05, 2.0), 0.9),
+        point(cart_point(0.05, 1.0), 0.9),
     ]
-    assert _pick_best(grid) == grid[4]
-    assert _pick_best(grid[:3]) == grid[1]
-    grid.append(point("ties", 0.91, scale=1.0))
-    assert _pick_best(grid) == grid[-1]
+    assert pick_best(grid) == grid[4]
+    assert pick_best(grid[:3]) == grid[1]
+    grid.append(point(candidate("ties", scale=1.0), 0.91))
+    assert pick_best(grid) == grid[-1]

@@ -12,9 +12,11 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
-from conftest import tiny_tower_state
+from conftest import planned, run_of, tiny_tower_state
 
 from mergeflow import pipeline, registry
+from mergeflow.candidates import DataAware, FixedMethod
+from mergeflow.evaluation import EvaluationContext
 from mergeflow.results import STORE_VARIABLE, ResultStore
 from mergeflow.storage import CheckpointCache
 
@@ -26,20 +28,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _register(name, score, key, data, rescore=None, weights=None):
     mlflow.set_experiment("registry-lifecycle")  # not whatever an earlier test left active
-    return registry.register_merged_model(
-        name=name,
-        model_config="mergeflow-tiny-vit",
-        weights=tiny_tower_state() if weights is None else weights,
+    files = registry.ModelFiles(
+        "mergeflow-tiny-vit",
         heads={"a": torch.randn(2, 16)},
         classes={"a": ("x", "y")},
-        score=score,
-        params={},
-        metrics={},
-        tags={},
-        registration_key=key,
-        report_data=data,
-        rescore=rescore,
+        weights=tiny_tower_state() if weights is None else weights,
     )
+    return registry.register_model(name, files, registry.Gate(score, data, rescore), key)
 
 
 def test_registration_is_idempotent_and_champion_moves_only_on_the_same_data(tracking):
@@ -161,7 +156,7 @@ def test_a_registration_interrupted_before_its_aliases_is_completed_by_the_retry
 def zoo_prefix(zoo, s3_endpoint):
     import boto3
 
-    from mergeflow.zoo.zoo import upload_zoo
+    from zoo.zoo import upload_zoo
 
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="mf-production")
     folder, manifest = zoo
@@ -171,7 +166,7 @@ def zoo_prefix(zoo, s3_endpoint):
 
 
 def _spec(zoo_prefix, name, **overrides):
-    from mergeflow.zoo.zoo import zoo_spec
+    from zoo.zoo import zoo_spec
 
     prefix, manifest = zoo_prefix
     settings = {
@@ -194,15 +189,16 @@ class _Counter:
 
     def __init__(self, patch):
         self.calls = 0
-        original = pipeline.EvaluationContext.score
+        original = EvaluationContext.score
 
         def counted(context, *args, **kwargs):
             self.calls += 1
             return original(context, *args, **kwargs)
 
-        patch.setattr(pipeline.EvaluationContext, "score", counted)
+        patch.setattr(EvaluationContext, "score", counted)
 
 
+@pytest.mark.full
 def test_result_store_on_s3_is_shared_by_workers_with_empty_caches(
     prefect_harness, zoo_prefix, tracking, tmp_path, monkeypatch
 ):
@@ -211,7 +207,7 @@ def test_result_store_on_s3_is_shared_by_workers_with_empty_caches(
 
     monkeypatch.setenv(STORE_VARIABLE, "s3://mf-production/results")
     spec = _spec(zoo_prefix, "shared-store")
-    first = merge_pipeline(spec, str(tmp_path / "worker-a"))
+    first = merge_pipeline(spec, cache_dir=str(tmp_path / "worker-a"))
     store = ResultStore(CheckpointCache(tmp_path / "worker-b"))
     assert store.remote and store.root == "s3://mf-production/results"
     assert len(store.records("scores")) > 6
@@ -222,21 +218,22 @@ def test_result_store_on_s3_is_shared_by_workers_with_empty_caches(
         raise AssertionError("recomputed what the shared store holds")
 
     monkeypatch.setattr(CartFactors, "factorize", must_not_run)
-    monkeypatch.setattr(pipeline.EvaluationContext, "score", must_not_run)
-    monkeypatch.setattr(pipeline, "merge_state", must_not_run)
-    second = merge_pipeline(spec, str(tmp_path / "worker-b"))
+    monkeypatch.setattr(EvaluationContext, "score", must_not_run)
+    monkeypatch.setattr(FixedMethod, "weights", must_not_run)
+    second = merge_pipeline(spec, cache_dir=str(tmp_path / "worker-b"))
     assert _scores_of(second) == _scores_of(first)
     assert second["registration"]["version"] == first["registration"]["version"] == "1"
     assert second["registration"]["reused"] is True
 
 
+@pytest.mark.full
 def test_gpu_part_leaves_the_data_aware_merges_to_the_pipeline(
     prefect_harness, zoo_prefix, tracking, tmp_path, monkeypatch
 ):
     """What the GPU deployment runs (factors, every data-aware merge: baselines and family
     points) is in the shared store; the pipeline on another worker then redoes none of it."""
     from flows.merge_pipeline import merge_pipeline
-    from flows.scheduled import factorize_on_gpu
+    from flows.scheduled import gpu_steps
     from mergeflow.cart_grid import CartFactors
 
     monkeypatch.setenv(STORE_VARIABLE, "s3://mf-production/gpu-part")
@@ -247,7 +244,7 @@ def test_gpu_part_leaves_the_data_aware_merges_to_the_pipeline(
         baselines=["average", "finetuned", {"method": "fisher", "params": {"samples": 8}}],
         families=[{"method": "adamerging", "params": quick, "search": {"init": [0.2, 0.4]}}],
     )
-    gpu = factorize_on_gpu(spec, str(tmp_path / "gpu-worker"))
+    gpu = gpu_steps(spec, str(tmp_path / "gpu-worker"))
     assert len(gpu["adapted"]) == 3
     store = ResultStore(CheckpointCache(tmp_path / "cpu-worker"))
     for uri in gpu["adapted"]:
@@ -258,8 +255,8 @@ def test_gpu_part_leaves_the_data_aware_merges_to_the_pipeline(
         raise AssertionError("the pipeline redid the GPU part")
 
     monkeypatch.setattr(CartFactors, "factorize", must_not_run)
-    monkeypatch.setattr(pipeline, "_run_data_aware", must_not_run)
-    result = merge_pipeline(spec, str(tmp_path / "cpu-worker"))
+    monkeypatch.setattr(DataAware, "_adapt", must_not_run)
+    result = merge_pipeline(spec, cache_dir=str(tmp_path / "cpu-worker"))
     adamerging_points = [p for p in result["grid"] if p["method"] == "adamerging"]
     assert len(adamerging_points) == 2
     kinds = {s["kind"] for s in result["comparison"].values()}
@@ -269,9 +266,10 @@ def test_gpu_part_leaves_the_data_aware_merges_to_the_pipeline(
 
 
 def _factors_path(spec, cache_dir):
-    return pipeline.factorize(spec, CheckpointCache(cache_dir))
+    return run_of(spec, cache_dir).factors_path()
 
 
+@pytest.mark.full
 def test_promote_flow_and_score_model_on_the_registry(
     prefect_harness, zoo_prefix, tracking, tmp_path, capsys
 ):
@@ -281,7 +279,7 @@ def test_promote_flow_and_score_model_on_the_registry(
 
     spec = _spec(zoo_prefix, "promoted")
     cache_dir = str(tmp_path / "cache")
-    result = merge_pipeline(spec, cache_dir)
+    result = merge_pipeline(spec, cache_dir=cache_dir)
     winner = result["comparison"][result["best"]["label"]]
 
     # `mergeflow score-model` loads the champion from the registry and scores it: the same
@@ -306,31 +304,19 @@ def test_promote_flow_and_score_model_on_the_registry(
     assert mean_line.split()[:3] == ["mean", "accuracy", f"{winner['mean_accuracy']:.4f}"]
 
     # a broken model (its image projection zeroed) as version 2, registered as challenger
-    cache = CheckpointCache(cache_dir)
-    broken = dict(pipeline.candidate_state(spec, cache, result["best"], None))
+    run = run_of(spec, cache_dir)
+    broken = dict(planned(spec, result["best"]["label"]).state(run))
     broken["visual.proj"] = torch.zeros_like(broken["visual.proj"])
-    heads, classes = pipeline.heads_and_classes(spec, cache)
-    registry.register_merged_model(
-        "promoted",
-        spec.model,
-        broken,
-        heads,
-        classes,
-        score=-1.0,
-        params={},
-        metrics={},
-        tags={},
-        registration_key="broken",
-        report_data="elsewhere",
-    )
+    files = registry.ModelFiles(spec.model, run.context.heads, run.context.classes, broken)
+    registry.register_model("promoted", files, registry.Gate(-1.0, "elsewhere"), "broken")
     kept = promote(spec, cache_dir=cache_dir)
     assert kept["version"] == "2" and kept["previous_champion"] == "1"
     # the gate's two scores are each model's own, taken on the spec's report data ...
     from mergeflow.tracking import score_of
 
     def scored(version):
-        scores = pipeline.registered_model_scores(spec, cache, f"models:/promoted/{version}")
-        return score_of(pipeline.summary_of(spec, cache, scores))
+        scores = pipeline.registered_model_scores(run, f"models:/promoted/{version}")
+        return score_of(pipeline.summary_of(run, scores))
 
     assert kept["score"] == pytest.approx(scored(2))
     assert kept["champion_score"] == pytest.approx(scored(1))
@@ -350,6 +336,7 @@ def test_promote_flow_and_score_model_on_the_registry(
     assert str(client.get_model_version_by_alias("promoted", "champion").version) == better
 
 
+@pytest.mark.full
 def test_dask_run_equals_the_local_run(prefect_harness, zoo_prefix, tracking, tmp_path):
     from flows.dask_pipeline import on_dask
     from flows.merge_pipeline import merge_pipeline
@@ -362,10 +349,10 @@ def test_dask_run_equals_the_local_run(prefect_harness, zoo_prefix, tracking, tm
     )
     with pytest.MonkeyPatch.context() as patch:
         local_counter = _Counter(patch)
-        local = merge_pipeline(spec, str(tmp_path / "local"))
+        local = merge_pipeline(spec, cache_dir=str(tmp_path / "local"))
     with pytest.MonkeyPatch.context() as patch:
         in_flow_process = _Counter(patch)
-        distributed = on_dask()(spec, str(tmp_path / "dask"))
+        distributed = on_dask()(spec, cache_dir=str(tmp_path / "dask"))
     # the grid and the report were scored by the Dask workers (other processes); the flow
     # process itself scored only the fine-tuned references it normalizes by
     assert in_flow_process.calls == len(spec.tasks) < local_counter.calls

@@ -111,11 +111,7 @@ def test_baselines_and_families_name_methods_with_parameters(tmp_path):
     assert spec.has_reference("finetuned") and not spec.has_reference("zeroshot")
     points = spec.grid.families[0].points()
     assert [p.params for p in points] == [{"p": 0.3, "scale": 1}, {"p": 0.3, "scale": 2}]
-    assert points[1].candidate() == {
-        "method": "dare",
-        "params": {"p": 0.3, "scale": 2},
-        "label": "dare p=0.3 scale=2",
-    }
+    assert (points[1].method, points[1].name) == ("dare", "dare p=0.3 scale=2")
     path = tmp_path / "spec.yaml"
     path.write_text(spec.to_yaml())
     assert MergeSpec.from_yaml(path) == spec
@@ -150,3 +146,30 @@ def test_allowed_roots_admit_what_lies_under_them(tmp_path):
     local["base"] = str(tmp_path / "link" / "passwd")
     with pytest.raises(ParameterError, match="base: .* is outside the allowed roots"):
         MergeSpec.parse(local)
+
+
+def test_a_stored_spec_with_overrides_is_validated_again(tmp_path):
+    from mergeflow.spec import GridSpec, SpecOverrides, load_spec, resolve_spec
+
+    stored = tmp_path / "stored.yaml"
+    spec = MergeSpec.parse(spec_dict())
+    stored.write_text(spec.to_yaml())
+    assert resolve_spec(spec_uri=str(stored)) == spec == load_spec(str(stored))
+    changed = resolve_spec(
+        spec_uri=str(stored),
+        overrides=SpecOverrides(
+            grid=GridSpec(rank_ratios=(0.3,), scales=(2.0,)),
+            baselines=("average",),
+            registered_model="other",
+        ),
+    )
+    assert changed.grid.points() == [(0.3, 2.0)]
+    assert (changed.baselines, changed.registered_model) == (("average",), "other")
+    assert changed.tasks == spec.tasks
+    # an override that breaks the spec is refused naming the field and where it came from
+    with pytest.raises(ParameterError, match=r"with overrides \['baselines'\]: baselines"):
+        resolve_spec(spec, overrides=SpecOverrides(baselines=("slerp",)))
+    with pytest.raises(ParameterError, match="exactly one of spec and spec_uri"):
+        resolve_spec(spec, spec_uri=str(stored))
+    with pytest.raises(ParameterError, match="no such spec file"):
+        resolve_spec(spec_uri=str(tmp_path / "missing.yaml"))

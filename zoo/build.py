@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mergeflow.zoo.sources import TaskData
+from zoo.sources import TaskData
 
 
 def png_bytes(image: np.ndarray) -> bytes:

@@ -25,9 +25,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mergeflow.checkpoints import load_state_dict, save_state_dict
 from mergeflow.models import create_model, tokenizer_for, zero_shot_head
-from mergeflow.zoo import sources
-from mergeflow.zoo.build import split_indices, write_split
-from mergeflow.zoo.train import accuracy, as_model_input, finetune_image_tower, pretrain
+from zoo import sources
+from zoo.build import split_indices, write_split
+from zoo.train import accuracy, as_model_input, finetune_image_tower, pretrain
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def _finetune_worker(args: tuple) -> tuple[str, float, float]:
     save_state_dict(
         {k: v.detach() for k, v in model.state_dict().items()},
         Path(zoo_dir) / "checkpoints" / f"{task_name}.safetensors",
-        {"mergeflow.zoo.task": task_name},
+        {"zoo.task": task_name},
     )
     return task_name, acc, time.perf_counter() - started
 
@@ -159,7 +159,7 @@ def build_zoo(
         seed=config.seed,
         progress=report,
     )
-    save_state_dict(model.state_dict(), zoo_dir / "base.safetensors", {"mergeflow.zoo": "base"})
+    save_state_dict(model.state_dict(), zoo_dir / "base.safetensors", {"zoo": "base"})
 
     heads, zero_shot = {}, {}
     for task in tasks:
