@@ -156,7 +156,7 @@ def test_deployments_run_from_ui_parameters_and_on_schedule_from_a_variable(
     # 5,900): setup stores it as an object, and the variable names it
     data = spec.model_dump(mode="json")
     for task in data["tasks"]:
-        task["templates"] = [f"a photo of a {{c}}, seen the {i}th way." for i in range(25)]
+        task["templates"] = [f"a photo of a {{c}}, seen the {i}th way." for i in range(40)]
     spec = MergeSpec.parse(data)
     spec_file = tmp_path / "nightly.yaml"
     spec_file.write_text(spec.to_yaml())
