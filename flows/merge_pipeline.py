@@ -22,7 +22,7 @@ from prefect.artifacts import (
     create_table_artifact,
     update_progress_artifact,
 )
-from prefect.futures import as_completed, wait
+from prefect.futures import as_completed
 from prefect.runtime import deployment, flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -190,7 +190,6 @@ def score_each(inputs: RunInputs, candidates: dict, adapted: list) -> dict[str, 
         )
         for label, c in candidates.items()
     }
-    wait(list(pending.values()))
     return {label: future.result() for label, future in pending.items()}
 
 
