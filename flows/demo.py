@@ -45,6 +45,8 @@ def _configure(demo_dir: Path, port: int) -> None:
             "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
             "DO_NOT_TRACK": "1",
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            # one bar per artifact MLflow copies (a few KiB each) is noise here
+            "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
         }
     )
 
@@ -160,6 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     port = _free_port()
     _configure(demo_dir, port)
     started = time.perf_counter()
+    from flows.console import quiet_console
+
+    quiet_console()  # before anything logs: Prefect's console handler, thinned
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "creating tables"
 
     from zoo.zoo import build_zoo, upload_zoo, zoo_spec
 

@@ -26,6 +26,7 @@ from prefect.futures import as_completed
 from prefect.runtime import deployment, flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows.console import PROGRESS_LINE, grid_bar, quiet_console
 from mergeflow import report
 from mergeflow.candidates import DataAware, reference
 from mergeflow.checks import describe_distances
@@ -79,23 +80,24 @@ def merge_pipeline(
     inputs, lineage = fetch_inputs(spec, cache_dir)
     distances = check_bases(inputs)
     if distances:
-        logger.info("distance from the base: %s", describe_distances(distances))
-    logger.info("evaluation data ready: %s", prepare_evaluation(inputs))
+        logger.info("check: distance from the base: %s", describe_distances(distances))
+    logger.info("prepare: %s", report.splits_line(prepare_evaluation(inputs)))
     plan = make_plan(spec)
     for note in plan.notes:
         logger.warning(note)
     if gpu_deployment:
         run_gpu_steps(gpu_deployment, spec)
-    factorize(inputs)
+    logger.info("factorize: CART's factors in %s", factorize(inputs))
     # the data-aware merges start now, beside the grid; what scores them waits for them
     adapted = [adapt.submit(inputs, c) for c in plan.data_aware]
     finetuned = score(inputs, reference("finetuned"), SELECTION)
     points = score_grid(inputs, plan, finetuned, adapted)
     selection = select(points)
     winner = selection.winner.candidate
-    print(f"selected {winner.label}")
+    logger.info("select: %s (best on the selection splits)", winner.label)
 
     comparison, compression = score_report(inputs, plan, selection, adapted)
+    logger.info("report: %d models scored on the report splits", len(comparison))
 
     grid = [p.record() for p in points]
     charts = draw_charts(spec.registered_model, grid, comparison, report_folder(cache_dir, spec))
@@ -105,6 +107,7 @@ def merge_pipeline(
             inputs, compression, comparison[compression["label"]], lineage
         )
     publish(spec, points, comparison, winner.label, registration, charts, compression)
+    logger.info("register: %s", report.registration_line(registration))
     return {
         "best": winner.record(),
         "family_best": {name: p.candidate.label for name, p in selection.family_best.items()},
@@ -132,6 +135,7 @@ def fetch_inputs(spec: MergeSpec, cache_dir: str | None) -> tuple[RunInputs, dic
         lineage["prefect.flow_run_id"] = str(flow_run.id)
     if deployment.id:
         lineage["prefect.deployment"] = f"{flow_run.flow_name}/{deployment.name}"
+    get_run_logger().info("fetch: the base and %d fine-tuned checkpoints", len(spec.tasks))
     return RunInputs(spec=spec, digests=digests, cache_dir=cache_dir), lineage
 
 
@@ -149,15 +153,20 @@ def score_grid(inputs: RunInputs, plan: Plan, finetuned: dict, adapted: list) ->
         waits = adapted if isinstance(candidate, DataAware) else None
         futures[score.submit(inputs, candidate, SELECTION, wait_for=waits)] = i
     points: dict[int, GridPoint] = {}
-    for done, future in enumerate(as_completed(list(futures)), start=1):
-        i = futures[future]
-        family, candidate = grid[i]
-        point = points[i] = scored_point(family, candidate, future.result(), finetuned)
-        update_progress_artifact(progress, 100.0 * done / len(grid))
-        print(
-            f"grid {done}/{len(grid)}: {candidate.label} mean acc "
-            f"{point.summary['mean_accuracy']:.3f} normalized {point.mean_normalized:.3f}"
-        )
+    logger = get_run_logger()
+    with grid_bar(len(grid)) as bar:
+        for done, future in enumerate(as_completed(list(futures)), start=1):
+            i = futures[future]
+            family, candidate = grid[i]
+            point = points[i] = scored_point(family, candidate, future.result(), finetuned)
+            update_progress_artifact(progress, 100.0 * done / len(grid))
+            bar.update()
+            logger.info(
+                "grid %d/%d: %s mean acc %.3f normalized %.3f",
+                *(done, len(grid), candidate.label, point.summary["mean_accuracy"]),
+                point.mean_normalized,
+                extra={PROGRESS_LINE: True},
+            )
     return [points[i] for i in range(len(grid))]
 
 
@@ -237,6 +246,7 @@ def run_from_cli(spec_path: str, cache_dir: str | None = None, dask: str | None 
     """Entry point for ``mergeflow run``: validate the spec file, then run the flow (on Dask
     when ``dask`` is given: ``"local"`` or a scheduler address)."""
     spec = MergeSpec.from_yaml(spec_path)
+    quiet_console()
     if dask:
         from flows.dask_pipeline import on_dask
 

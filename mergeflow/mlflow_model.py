@@ -6,13 +6,12 @@ and name of the predicted class. A model logged with a CART index instead of wei
 rebuilds the weights of each task it is asked about (the last one stays loaded).
 """
 
-from __future__ import annotations
-
 import io
 import json
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 import torch
 from mlflow.models import set_model
 
@@ -66,9 +65,8 @@ class MergedClip(mlflow.pyfunc.PythonModel):
             self.model.load_state_dict(to_open_clip(rebuilt))
             self.loaded_task = task
 
-    def predict(self, context, model_input, params=None):
-        import pandas as pd
-
+    # typed as a DataFrame: MLflow then infers no schema (images arrive in several forms)
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         from mergeflow.models import classify
 
         unknown = set(model_input["task"]) - set(self.heads)

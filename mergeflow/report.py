@@ -75,6 +75,26 @@ def storage_line(compression: Mapping | None, num_tasks: int) -> str:
     )
 
 
+def splits_line(sizes: Mapping[str, Mapping[str, int]]) -> str:
+    """``{task: {split: images}}`` in one line: each split's images per task (a range where
+    the tasks differ)."""
+    splits: dict[str, set[int]] = {}
+    for per_task in sizes.values():
+        for split, count in per_task.items():
+            splits.setdefault(split, set()).add(count)
+    spans = {s: f"{min(n)}" if len(n) == 1 else f"{min(n)}-{max(n)}" for s, n in splits.items()}
+    return f"{len(sizes)} tasks; images per task: " + ", ".join(
+        f"{split} {span}" for split, span in spans.items()
+    )
+
+
+def registration_line(registration: Mapping) -> str:
+    """``models:/NAME/VERSION (aliases)``, and whether the run made that version."""
+    aliases = ", ".join(registration["aliases"]) or "no alias"
+    again = "; already registered, no new version" if registration.get("reused") else ""
+    return f"models:/{registration['name']}/{registration['version']} ({aliases}{again})"
+
+
 def markdown(
     name: str,
     tasks: Sequence[str],

@@ -50,7 +50,17 @@ class ZooConfig(BaseModel):
     seed: int = 0
 
     def digest(self) -> str:
-        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
+        """Of these settings and of the model's architecture: a zoo built for an older
+        config of the same model name is rebuilt, not reused."""
+        import open_clip
+
+        from mergeflow.models import known_model_configs
+
+        if self.model not in known_model_configs():
+            raise ValueError(f"zoo model {self.model!r}: no open_clip config of that name")
+        architecture = json.dumps(open_clip.get_model_config(self.model), sort_keys=True)
+        text = self.model_dump_json() + architecture
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _load_tasks(config: ZooConfig, say: Callable[[str], None]) -> list[sources.TaskData]:

@@ -1,0 +1,57 @@
+"""What a person running a flow in a terminal reads: the steps by name, one bar over the
+grid, and not Prefect's line per finished task run (the Prefect UI keeps every state and
+every log line; only the console is thinned).
+
+:func:`quiet_console` is called by ``make demo`` and ``mergeflow run``; a deployment's
+worker logs are left as Prefect writes them.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from tqdm.auto import tqdm
+
+PROGRESS_LINE = "mergeflow_progress_line"
+"""Set (``extra={PROGRESS_LINE: True}``) on a log record that a console bar stands for."""
+
+
+def bar_shown() -> bool:
+    """A bar only on a terminal: in a file or a worker's log it would be a line per update."""
+    return sys.stderr.isatty()
+
+
+class _ThinConsole(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if (
+            record.name == "prefect.task_runs"
+            and record.levelno <= logging.INFO
+            and record.getMessage().startswith("Finished in state")
+        ):
+            return False  # a failed or crashed task run is logged at ERROR and still shows
+        return not (getattr(record, PROGRESS_LINE, False) and bar_shown())
+
+
+_FILTER = _ThinConsole()
+
+
+def quiet_console() -> None:
+    """Thin the console handlers of the root logger (Prefect's console handler): no line
+    per completed task run, no per-point line while a bar shows the grid. Idempotent."""
+    # Prefect sets up logging (its console handler on the root logger) when its flow API is
+    # first loaded; `import prefect` alone does not. Before it, the first root-level
+    # `logging.info` of a library (open_clip's) installs a plain handler no filter is on.
+    from prefect import flow  # noqa: F401
+
+    for handler in logging.getLogger().handlers:
+        if _FILTER not in handler.filters:
+            handler.addFilter(_FILTER)
+
+
+def grid_bar(total: int, desc: str = "score grid"):
+    """A tqdm bar over ``total`` grid points, on stderr when it is a terminal."""
+    return tqdm(total=total, desc=desc, unit="point", file=sys.stderr, disable=not bar_shown())
+
+
+__all__ = ["PROGRESS_LINE", "bar_shown", "grid_bar", "quiet_console"]

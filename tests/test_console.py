@@ -1,0 +1,84 @@
+"""The console a person reads while a flow runs: Prefect's line per finished task run is
+gone, failures and the flow's own lines stay, and per-point lines give way to a bar on a
+terminal."""
+
+import io
+import logging
+
+import pytest
+from prefect import flow, get_run_logger, task
+
+from flows import console
+
+
+@task(task_run_name="square {x}")
+def square(x: int) -> int:
+    return x * x
+
+
+@task(task_run_name="fail {x}", retries=0)
+def fail(x: int) -> int:
+    raise ValueError(f"no {x}")
+
+
+@flow
+def squares(n: int, failing: bool = False) -> int:
+    logger = get_run_logger()
+    total = sum(square(i) for i in range(n))
+    logger.info("grid 1/1: total %d", total, extra={console.PROGRESS_LINE: True})
+    logger.info("select: total %d", total)
+    if failing:
+        fail(7)
+    return total
+
+
+@pytest.fixture
+def screen():
+    """A Prefect console handler on the root logger writing to a buffer (pytest holds the
+    process's stderr); read it with ``.getvalue()``."""
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    buffer = io.StringIO()
+    handler = PrefectConsoleHandler(stream=buffer)
+    handler.setFormatter(logging.getLogger().handlers[0].formatter)
+    logging.getLogger().addHandler(handler)
+    yield buffer
+    logging.getLogger().removeHandler(handler)
+
+
+@pytest.fixture
+def thinned(screen):
+    console.quiet_console()
+    yield screen
+    for handler in logging.getLogger().handlers:
+        handler.removeFilter(console._FILTER)
+
+
+def test_console_drops_completed_task_lines_and_keeps_the_flows(prefect_harness, thinned):
+    assert squares(4) == 14
+    err = thinned.getvalue()
+    assert "Task run 'square" not in err
+    assert "select: total 14" in err
+    assert "grid 1/1: total 14" in err  # not a terminal: the line stands in for the bar
+    assert "Flow run" in err and "Finished in state Completed()" in err  # the flow's own end
+
+
+def test_console_keeps_a_failed_task_run(prefect_harness, thinned):
+    with pytest.raises(ValueError, match="no 7"):
+        squares(2, failing=True)
+    err = thinned.getvalue()
+    assert "Task run 'fail 7'" in err and "Failed" in err
+    assert "Task run 'square" not in err
+
+
+def test_progress_lines_give_way_to_the_bar_on_a_terminal(prefect_harness, thinned, monkeypatch):
+    monkeypatch.setattr(console, "bar_shown", lambda: True)
+    squares(3)
+    err = thinned.getvalue()
+    assert "grid 1/1" not in err
+    assert "select: total 5" in err
+
+
+def test_without_the_filter_prefect_prints_every_task_run(prefect_harness, screen):
+    squares(2)
+    assert "Task run 'square 1' - Finished in state Completed()" in screen.getvalue()
