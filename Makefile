@@ -27,14 +27,14 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
 
-# the fast tests (~8 min on 2 cores): units, properties, faults, one small pipeline run;
+# the fast tests (~4 min on 2 cores): units, properties, faults, one small pipeline run;
 # in random order (the seed is printed: --random-order-seed=N repeats an order)
 test: setup
 	$(PY) -m ruff check mergeflow tasks flows zoo tests bench infra
 	$(PY) -m pytest -m "not full" --random-order
 
 # every test (CI): also the real Prefect server with a worker and the browser test, the
-# demo zoo's adaptation tests (building .demo/zoo once, ~11 min), whole-pipeline variants
+# demo zoo's adaptation tests (building .demo/zoo once, ~9 min), whole-pipeline variants
 test-all: setup
 	$(PY) -m ruff check mergeflow tasks flows zoo tests bench infra
 	$(PY) -m pytest --random-order

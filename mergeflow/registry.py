@@ -161,6 +161,19 @@ def registered(name: str, registration_key: str, gate: Gate) -> Registration | N
     return Registration(name, str(existing.version), existing.run_id, aliases, previous, True)
 
 
+def _signature():
+    """What the model takes and gives (mergeflow/mlflow_model.py): rows of ``task`` and
+    ``image``, and per row the predicted class's index and name. The image column is typed
+    "any": it takes encoded bytes, ``{"bytes": ...}`` dicts and uint8 arrays alike."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import AnyType, ColSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", "task"), ColSpec(AnyType(), "image")]),
+        outputs=Schema([ColSpec("long", "label_index"), ColSpec("string", "label")]),
+    )
+
+
 def register_model(
     name: str,
     files: ModelFiles,
@@ -191,6 +204,7 @@ def register_model(
                 name="merged_model",
                 python_model=str(MODEL_CODE),
                 artifacts=model_artifacts,
+                signature=_signature(),
                 pip_requirements=["mergeflow", "torch", "open_clip_torch", "safetensors", "pandas"],
             )
             run_id = run.info.run_id

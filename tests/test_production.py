@@ -372,3 +372,37 @@ def test_concurrent_registrations_of_one_model_keep_one_version(tracking):
     assert len(client.search_model_versions("name='m'")) == 1
     assert {r.version for r in results} == {"1"}
     assert client.get_registered_model("m").aliases == {"champion": 1}
+
+
+def test_the_registered_model_states_its_signature_and_takes_each_image_form(tracking, caplog):
+    import io
+
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    from mergeflow.models import create_model
+
+    mlflow.set_experiment("registry-lifecycle")
+    files = registry.ModelFiles(
+        "mergeflow-tiny-vit",
+        heads={"a": torch.nn.functional.normalize(torch.randn(2, 64), dim=-1)},
+        classes={"a": ("x", "y")},
+        weights=create_model("mergeflow-tiny-vit").state_dict(),
+    )
+    with caplog.at_level("WARNING", logger="mlflow"):
+        registry.register_model("s", files, registry.Gate(0.5, "data-1"), "s1")
+    assert "signature" not in caplog.text  # given, not inferred (MLflow warns otherwise)
+    model = mlflow.pyfunc.load_model("models:/s@champion")
+    signature = model.metadata.get_input_schema().input_names()
+    assert signature == ["task", "image"]
+    assert model.metadata.get_output_schema().input_names() == ["label_index", "label"]
+
+    pixels = np.random.default_rng(0).integers(0, 255, (32, 32), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    encoded = buffer.getvalue()
+    frame = pd.DataFrame({"task": ["a"] * 3, "image": [encoded, {"bytes": encoded}, pixels]})
+    predicted = model.predict(frame)
+    assert predicted["label_index"].nunique() == 1  # one image in three forms, one answer
+    assert set(predicted["label"]) <= {"x", "y"}
