@@ -349,21 +349,22 @@ def main() -> int:
         return 1
     columns = ("killed", "timeout", "survived", "equivalent", "other", "not run")
     print(f"{'module':34s} {'mutants':>7s} " + " ".join(f"{c:>10s}" for c in columns) + "  caught")
-    below = []
+    below, unjudged = [], []
     for module, counts in sorted(by_module.items()):
         total = sum(counts.values())
         caught = counts["killed"] + counts["timeout"]
         counted = total - counts["not run"] - counts["equivalent"]
         cells = " ".join(f"{counts[c]:10d}" for c in columns)
         if counts["not run"] and not counted:
-            below.append(module)  # nothing to judge it by yet
-            print(f"{module:34s} {total:7d} {cells}       -")
+            unjudged.append(module)  # nothing to judge it by yet (a run of other functions)
             continue
         rate = caught / counted if counted else 1.0
         if rate < TARGET:
             below.append(module)
         print(f"{module:34s} {total:7d} {cells} {rate:7.1%}")
     print(f"target {TARGET:.0%} caught per module; below it: {', '.join(below) or 'none'}")
+    if unjudged:
+        print(f"no mutant run yet (not judged): {', '.join(unjudged)}")
     if reasons:
         print(f"equivalent survivors ({sum(reasons.values())}), by reason:")
         for reason, count in reasons.most_common():
