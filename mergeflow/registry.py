@@ -17,6 +17,7 @@ import logging
 import math
 import tempfile
 import threading
+import warnings
 from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -199,7 +200,10 @@ def register_model(
         active = mlflow.active_run()
         reuse = active is not None and run_id in (None, active.info.run_id)
         context = nullcontext(active) if reuse else mlflow.start_run(run_id=run_id)
-        with context as run, _LOADING_MODEL_CODE:
+        with context as run, _LOADING_MODEL_CODE, warnings.catch_warnings():
+            # the signature is given; an example would only make MLflow load the model and
+            # run it once more at logging time
+            warnings.filterwarnings("ignore", ".*An input example was not provided", UserWarning)
             info = mlflow.pyfunc.log_model(
                 name="merged_model",
                 python_model=str(MODEL_CODE),

@@ -376,6 +376,7 @@ def test_concurrent_registrations_of_one_model_keep_one_version(tracking):
 
 def test_the_registered_model_states_its_signature_and_takes_each_image_form(tracking, caplog):
     import io
+    import warnings
 
     import numpy as np
     import pandas as pd
@@ -390,9 +391,14 @@ def test_the_registered_model_states_its_signature_and_takes_each_image_form(tra
         classes={"a": ("x", "y")},
         weights=create_model("mergeflow-tiny-vit").state_dict(),
     )
-    with caplog.at_level("WARNING", logger="mlflow"):
+    with caplog.at_level("WARNING", logger="mlflow"), warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
         registry.register_model("s", files, registry.Gate(0.5, "data-1"), "s1")
     assert "signature" not in caplog.text  # given, not inferred (MLflow warns otherwise)
+    from_logging = [
+        str(w.message) for w in shown if "mlflow" in w.filename and "pyfunc" in w.filename
+    ]
+    assert not from_logging, from_logging  # no type-hint or input-example warning
     model = mlflow.pyfunc.load_model("models:/s@champion")
     signature = model.metadata.get_input_schema().input_names()
     assert signature == ["task", "image"]
