@@ -9,6 +9,7 @@ worker logs are left as Prefect writes them.
 from __future__ import annotations
 
 import logging
+import re
 import sys
 
 from tqdm.auto import tqdm
@@ -22,8 +23,18 @@ def bar_shown() -> bool:
     return sys.stderr.isatty()
 
 
+# Prefect's ephemeral server retries a batch of task-run events that SQLite refused under
+# load ("database is locked") and logs each refusal with its traceback; an event it gives up
+# on is logged apart ("Dropping event ..."), and that still shows
+_RETRIED_FLUSH = re.compile(r"Error flushing \d+ events \(\d+ to retry, 0 dropped\)")
+
+
 class _ThinConsole(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "prefect.server.services.task_run_recorder" and _RETRIED_FLUSH.match(
+            record.getMessage()
+        ):
+            return False
         if (
             record.name == "prefect.task_runs"
             and record.levelno <= logging.INFO
@@ -38,7 +49,8 @@ _FILTER = _ThinConsole()
 
 def quiet_console() -> None:
     """Thin the console handlers of the root logger (Prefect's console handler): no line
-    per completed task run, no per-point line while a bar shows the grid. Idempotent."""
+    per completed task run, no per-point line while a bar shows the grid, no traceback for
+    a batch of events the ephemeral server retries. Idempotent."""
     # Prefect sets up logging (its console handler on the root logger) when its flow API is
     # first loaded; `import prefect` alone does not. Before it, the first root-level
     # `logging.info` of a library (open_clip's) installs a plain handler no filter is on.

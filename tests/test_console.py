@@ -82,3 +82,19 @@ def test_progress_lines_give_way_to_the_bar_on_a_terminal(prefect_harness, thinn
 def test_without_the_filter_prefect_prints_every_task_run(prefect_harness, screen):
     squares(2)
     assert "Task run 'square 1' - Finished in state Completed()" in screen.getvalue()
+
+
+def test_a_retried_event_flush_of_the_ephemeral_server_is_not_shown_but_a_drop_is(thinned):
+    import sqlite3
+
+    recorder = logging.getLogger("prefect.server.services.task_run_recorder")
+    try:
+        raise sqlite3.OperationalError("database is locked")
+    except sqlite3.OperationalError:
+        recorder.error("Error flushing 1 events (1 to retry, 0 dropped)", exc_info=True)
+        recorder.error("Error flushing 3 events (1 to retry, 2 dropped)", exc_info=True)
+    recorder.error("Dropping event e1 after 4 failed attempts")
+    shown = thinned.getvalue()
+    assert "1 to retry, 0 dropped" not in shown
+    assert "2 dropped" in shown and "database is locked" in shown
+    assert "Dropping event e1" in shown
