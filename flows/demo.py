@@ -226,11 +226,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{compression['registration']['version']}"
         )
     from mergeflow.registry import resolve_version
+    from mergeflow.report import registration_line
 
-    aliases = ", ".join(registration["aliases"])
-    again = " (already registered: this run made no new version)" if registration["reused"] else ""
     print(
-        f"registered: models:/{registration['name']}/{registration['version']} ({aliases}){again}; "
+        f"registered: {registration_line(registration)}; "
         f"models:/{registration['name']}@champion is version "
         f"{resolve_version(registration['name'], 'champion')}"
     )

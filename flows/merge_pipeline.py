@@ -162,9 +162,8 @@ def score_grid(inputs: RunInputs, plan: Plan, finetuned: dict, adapted: list) ->
             update_progress_artifact(progress, 100.0 * done / len(grid))
             bar.update()
             logger.info(
-                "grid %d/%d: %s mean acc %.3f normalized %.3f",
-                *(done, len(grid), candidate.label, point.summary["mean_accuracy"]),
-                point.mean_normalized,
+                f"grid {done}/{len(grid)}: {candidate.label} mean acc "
+                f"{point.summary['mean_accuracy']:.3f} normalized {point.mean_normalized:.3f}",
                 extra={PROGRESS_LINE: True},
             )
     return [points[i] for i in range(len(grid))]

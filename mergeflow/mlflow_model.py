@@ -65,7 +65,8 @@ class MergedClip(mlflow.pyfunc.PythonModel):
             self.model.load_state_dict(to_open_clip(rebuilt))
             self.loaded_task = task
 
-    # typed as a DataFrame: MLflow then infers no schema (images arrive in several forms)
+    # typed, or MLflow warns each time it loads this code; the schema is the signature the
+    # registry logs with the model (its image column takes several forms)
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         from mergeflow.models import classify
 
