@@ -84,6 +84,7 @@ def finetune_image_tower(
     steps: int,
     batch_size: int = 64,
     lr: float = 3e-4,
+    weight_decay: float = 0.1,
     seed: int = 0,
     progress=None,
 ) -> list[float]:
@@ -93,7 +94,7 @@ def finetune_image_tower(
         p.requires_grad_(False)
     for p in model.visual.parameters():
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(model.visual.parameters(), lr=lr, weight_decay=0.1)
+    opt = torch.optim.AdamW(model.visual.parameters(), lr=lr, weight_decay=weight_decay)
     scale = model.logit_scale.exp().detach()
     model.visual.train()
     losses = []

@@ -14,6 +14,8 @@ import hashlib
 import json
 import logging
 import multiprocessing
+import os
+import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -45,6 +47,7 @@ class ZooConfig(BaseModel):
     pretrain_fraction: float = Field(0.5, description="share of each train split captioned")
     finetune_steps: int = 300
     finetune_lr: float = 1e-3
+    finetune_weight_decay: float = 0.1
     max_per_task: int | None = Field(None, description="cap on images per task (tests)")
     workers: int = 2
     seed: int = 0
@@ -101,12 +104,22 @@ def _finetune_worker(args: tuple) -> tuple[str, float, float]:
         test_labels,
         steps,
         lr,
+        weight_decay,
         seed,
     ) = args
     model = create_model(model_name, load_state_dict(Path(zoo_dir) / "base.safetensors"))
     started = time.perf_counter()
     x = as_model_input(images, model)
-    finetune_image_tower(model, head, x, torch.from_numpy(labels), steps=steps, lr=lr, seed=seed)
+    finetune_image_tower(
+        model,
+        head,
+        x,
+        torch.from_numpy(labels),
+        steps=steps,
+        lr=lr,
+        weight_decay=weight_decay,
+        seed=seed,
+    )
     test_x = as_model_input(test_images, model)
     acc = accuracy(model, head, test_x, torch.from_numpy(test_labels))
     save_state_dict(
@@ -117,21 +130,86 @@ def _finetune_worker(args: tuple) -> tuple[str, float, float]:
     return task_name, acc, time.perf_counter() - started
 
 
+MIN_TRAIN_IMAGES = 50  # per task, after the test and validation splits are taken
+
+
+def data_digest(tasks: list[sources.TaskData]) -> str:
+    """Of the tasks' images, labels, class names and templates: a zoo built from other data
+    (a source package upgraded, a task's data changed) is rebuilt, not reused."""
+    digest = hashlib.sha256()
+    for task in tasks:
+        digest.update(json.dumps([task.name, task.classes, task.templates]).encode())
+        digest.update(np.ascontiguousarray(task.images).tobytes())
+        digest.update(np.ascontiguousarray(task.labels, dtype=np.int64).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def check_split_sizes(config: ZooConfig, tasks: list[sources.TaskData]) -> None:
+    """Refuse split sizes that leave a task fewer than MIN_TRAIN_IMAGES to train on."""
+    for task in tasks:
+        total = len(task.labels)
+        train = total - config.test_size - config.validation_size
+        if train < MIN_TRAIN_IMAGES:
+            raise ValueError(
+                f"zoo task {task.name!r}: {total} images leave {max(train, 0)} for training "
+                f"after test_size {config.test_size} + validation_size "
+                f"{config.validation_size}; at least {MIN_TRAIN_IMAGES} are needed: lower "
+                "test_size or validation_size"
+            )
+
+
 def build_zoo(
     zoo_dir: str | Path, config: ZooConfig | None = None, say: Callable[[str], None] = print
 ) -> dict:
-    """Build the zoo into ``zoo_dir`` unless a build with the same settings is there."""
+    """Build the zoo into ``zoo_dir`` unless a build of the same settings and data is there.
+
+    The build is written into a sibling folder and moved into place when whole, so a build
+    that fails (or is killed) never leaves a folder that a later call could take for a zoo.
+    """
     config = config or ZooConfig()
     zoo_dir = Path(zoo_dir)
+    tasks = _load_tasks(config, say)
+    check_split_sizes(config, tasks)
+    data = data_digest(tasks)
     manifest_path = zoo_dir / "zoo.json"
+    why = "runs once; later runs reuse it"
     if manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text())
-        if manifest.get("config_digest") == config.digest():
+        same_config = manifest.get("config_digest") == config.digest()
+        if same_config and manifest.get("data_digest") == data:
             say(f"zoo: reusing {zoo_dir} (built {manifest['built_at']})")
             return manifest
+        why = (
+            "the zoo there was built from other settings"
+            if not same_config
+            else ("the zoo there was built from other data")
+        )
+    say(f"zoo: building into {zoo_dir} ({why})")
+    building = zoo_dir.with_name(f"{zoo_dir.name}.building-{os.getpid()}")
+    shutil.rmtree(building, ignore_errors=True)
+    building.mkdir(parents=True)
+    try:
+        manifest = _build(building, config, tasks, say)
+        manifest["data_digest"] = data
+        (building / "zoo.json").write_text(json.dumps(manifest, indent=2))
+        if zoo_dir.exists():
+            old = zoo_dir.with_name(f"{zoo_dir.name}.old-{os.getpid()}")
+            zoo_dir.rename(old)
+            building.rename(zoo_dir)
+            shutil.rmtree(old)
+        else:
+            building.rename(zoo_dir)
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
+    say(f"zoo: built in {manifest['build_seconds']:.0f} s")
+    return manifest
+
+
+def _build(
+    zoo_dir: Path, config: ZooConfig, tasks: list[sources.TaskData], say: Callable[[str], None]
+) -> dict:
+    """Data, pretraining and fine-tuning into ``zoo_dir``; the manifest (not written)."""
     started = time.perf_counter()
-    say(f"zoo: building into {zoo_dir} (runs once; later runs reuse it)")
-    tasks = _load_tasks(config, say)
     splits = {}
     for task in tasks:
         idx = split_indices(len(task.labels), config.test_size, config.validation_size, config.seed)
@@ -198,6 +276,7 @@ def build_zoo(
                 task.labels[idx["test"]],
                 config.finetune_steps,
                 config.finetune_lr,
+                config.finetune_weight_decay,
                 config.seed + i,
             )
         )
@@ -232,8 +311,6 @@ def build_zoo(
             for t in tasks
         ],
     }
-    manifest_path.write_text(json.dumps(manifest, indent=2))
-    say(f"zoo: built in {manifest['build_seconds']:.0f} s")
     return manifest
 
 
