@@ -2,13 +2,14 @@
 grid, and not Prefect's line per finished task run (the Prefect UI keeps every state and
 every log line; only the console is thinned).
 
-:func:`quiet_console` is called by ``make demo`` and ``mergeflow run``; a deployment's
-worker logs are left as Prefect writes them.
+:func:`quiet_console` and :func:`quiet_servers` are called by ``make demo`` and ``mergeflow
+run``; a deployment's worker logs are left as Prefect writes them.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 
@@ -47,6 +48,29 @@ class _ThinConsole(logging.Filter):
 _FILTER = _ThinConsole()
 
 
+# what an ephemeral Prefect API that mergeflow starts is given: no analytics or telemetry
+# (its telemetry service runs despite DO_NOT_TRACK, and under load ends in a SQLite
+# "database is locked" traceback, or fails to resolve its host offline), and time to start
+# on a loaded 2-core machine
+EPHEMERAL_SERVER_SETTINGS = {
+    "DO_NOT_TRACK": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+}
+
+
+def quiet_servers() -> None:
+    """When no Prefect API is configured (a run on the ephemeral API that Prefect starts
+    for it), give that server :data:`EPHEMERAL_SERVER_SETTINGS` where the environment
+    does not set them. A configured API (a real server) is left alone."""
+    from prefect.settings import get_current_settings
+
+    if get_current_settings().api.url:
+        return
+    for name, value in EPHEMERAL_SERVER_SETTINGS.items():
+        os.environ.setdefault(name, value)
+
+
 def quiet_console() -> None:
     """Thin the console handlers of the root logger (Prefect's console handler): no line
     per completed task run, no per-point line while a bar shows the grid, no traceback for
@@ -66,4 +90,4 @@ def grid_bar(total: int, desc: str = "score grid"):
     return tqdm(total=total, desc=desc, unit="point", file=sys.stderr, disable=not bar_shown())
 
 
-__all__ = ["PROGRESS_LINE", "bar_shown", "grid_bar", "quiet_console"]
+__all__ = ["PROGRESS_LINE", "bar_shown", "grid_bar", "quiet_console", "quiet_servers"]

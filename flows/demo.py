@@ -99,46 +99,6 @@ DEMO_BASELINES = [
 ]
 
 
-def _table(comparison: dict, tasks: list[str]) -> str:
-    """Report accuracy per task: references, data-free merges, data-aware merges and
-    per-task models (compression) apart, each group sorted by mean accuracy."""
-    label = max(17, *(len(n) + 1 for n in comparison))
-    width = max(9, *(len(t) for t in tasks))
-    header = f"{'method':{label}s}" + "".join(f"{t[:width]:>{width + 1}s}" for t in tasks)
-    lines = [header + "     mean"]
-    for kind in ("reference", "data-free", "data-aware", "per-task"):
-        names = sorted(
-            (n for n, s in comparison.items() if s.get("kind", "data-free") == kind),
-            key=lambda n: comparison[n]["mean_accuracy"],
-        )
-        if names:
-            lines.append(f"-- {kind}")
-        for name in names:
-            acc = comparison[name]["accuracy"]
-            cells = "".join(f"{100 * acc[t]:>{width + 1}.1f}" for t in tasks)
-            lines.append(f"{name:{label}s}{cells}{100 * comparison[name]['mean_accuracy']:>9.1f}")
-    return "\n".join(lines)
-
-
-def _adaptation_lines(comparison: dict) -> list[str]:
-    lines = []
-    for name, summary in comparison.items():
-        info = summary.get("adaptation") or {}
-        if "entropy_before" in info:
-            kept = info.get("samples_kept", {})
-            share = sum(kept.values()) / len(kept) if kept else 1.0
-            line = (
-                f"  {name}: mean entropy {info['entropy_before']:.3f} -> "
-                f"{info['entropy_after']:.3f}"
-            )
-            if info.get("diversity"):
-                line += (
-                    f", objective {info['objective_before']:.3f} -> {info['objective_after']:.3f}"
-                )
-            lines.append(f"{line}, samples used {100 * share:.0f}%")
-    return lines
-
-
 def _score_champion(spec, cache_dir: Path) -> dict:
     from mergeflow import pipeline
     from mergeflow.run import RunInputs, open_run
@@ -162,8 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     port = _free_port()
     _configure(demo_dir, port)
     started = time.perf_counter()
-    from flows.console import quiet_console
+    from flows.console import quiet_console, quiet_servers
 
+    quiet_servers()
     quiet_console()  # before anything logs: Prefect's console handler, thinned
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "creating tables"
 
@@ -202,40 +163,16 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         server.stop()
 
-    tasks = [t.name for t in spec.tasks]
+    from mergeflow import report
+    from mergeflow.registry import resolve_version
+
     registration = result["registration"]
     print()
-    print("Report-split accuracy (%) per task and method")
-    print(_table(result["comparison"], tasks))
-    print()
+    print(report.text(result))
     print(
-        f"chosen: {result['best']['label']} "
-        "(best mean normalized accuracy on the validation splits)"
-    )
-    adaptation = _adaptation_lines(result["comparison"])
-    if adaptation:
-        print("test-time adaptation (coefficients are in MLflow, results.json):")
-        print("\n".join(adaptation))
-    compression = result["compression"]
-    if compression:
-        print(
-            f"CART index ({compression['label']}): {compression['index_bytes'] / 2**20:.2f} MiB "
-            f"for {len(tasks)} tasks = {compression['ratio']:.3f} of the fine-tuned checkpoints "
-            f"({compression['checkpoint_bytes'] / 2**20:.2f} MiB); registered as "
-            f"models:/{compression['registration']['name']}/"
-            f"{compression['registration']['version']}"
-        )
-    from mergeflow.registry import resolve_version
-    from mergeflow.report import registration_line
-
-    print(
-        f"registered: {registration_line(registration)}; "
         f"models:/{registration['name']}@champion is version "
         f"{resolve_version(registration['name'], 'champion')}"
     )
-    print(f"charts (also in MLflow, run {registration['run_id']}):")
-    for path in result["charts"].values():
-        print(f"  {path}")
     print(
         f"models:/{registration['name']}@champion loaded back from the registry and scored "
         f"(what `mergeflow score-model` does): report mean accuracy "

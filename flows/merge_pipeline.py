@@ -26,14 +26,15 @@ from prefect.futures import as_completed
 from prefect.runtime import deployment, flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.console import PROGRESS_LINE, grid_bar, quiet_console
-from mergeflow import report
+from flows.console import PROGRESS_LINE, grid_bar, quiet_console, quiet_servers
+from mergeflow import report, stores
 from mergeflow.candidates import DataAware, reference
 from mergeflow.checks import describe_distances
 from mergeflow.evaluation import REPORT, SELECTION
 from mergeflow.plan import Plan, make_plan
+from mergeflow.results import USAGE
 from mergeflow.run import RunInputs, combine_digests
-from mergeflow.selection import GridPoint, Selection, scored_point, select
+from mergeflow.selection import GridPoint, Selection, scored_point
 from mergeflow.spec import MergeSpec, SpecOverrides, resolve_spec
 from mergeflow.storage import CheckpointCache
 from tasks.checkpoints import fetch_checkpoint
@@ -49,6 +50,7 @@ from tasks.pipeline import (
     register_winner,
     score,
     score_index,
+    select_winner,
 )
 
 
@@ -75,13 +77,16 @@ def merge_pipeline(
             deployment (on the GPU pool) first; the pipeline then finds their results in the
             shared result store.
     """
-    logger, started = get_run_logger(), time.perf_counter()
+    logger, started, usage = get_run_logger(), time.perf_counter(), USAGE.mark()
     spec = resolve_spec(spec, spec_uri, overrides)
+    where = stores.use_defaults(cache_dir)
+    logger.info(where.line())
     inputs, lineage = fetch_inputs(spec, cache_dir)
     distances = check_bases(inputs)
     if distances:
         logger.info("check: distance from the base: %s", describe_distances(distances))
-    logger.info("prepare: %s", report.splits_line(prepare_evaluation(inputs)))
+    sizes = prepare_evaluation(inputs)
+    logger.info("prepare: %s", report.splits_line(sizes))
     plan = make_plan(spec)
     for note in plan.notes:
         logger.warning(note)
@@ -92,11 +97,11 @@ def merge_pipeline(
     adapted = [adapt.submit(inputs, c) for c in plan.data_aware]
     finetuned = score(inputs, reference("finetuned"), SELECTION)
     points = score_grid(inputs, plan, finetuned, adapted)
-    selection = select(points)
+    selection = select_winner(inputs, points, finetuned)
     winner = selection.winner.candidate
-    logger.info("select: %s (best on the selection splits)", winner.label)
+    log_selection(selection)
 
-    comparison, compression = score_report(inputs, plan, selection, adapted)
+    comparison, compression = score_report(inputs, plan, selection, adapted, sizes)
     logger.info("report: %d models scored on the report splits", len(comparison))
 
     grid = [p.record() for p in points]
@@ -110,12 +115,15 @@ def merge_pipeline(
     logger.info("register: %s", report.registration_line(registration))
     return {
         "best": winner.record(),
+        "selection": selection.record(),
         "family_best": {name: p.candidate.label for name, p in selection.family_best.items()},
         "grid": grid,
         "comparison": comparison,
         "compression": compression,
         "registration": registration,
         "charts": charts,
+        "stores": where.record(),
+        "store_usage": USAGE.since(usage),
         "seconds": time.perf_counter() - started,
     }
 
@@ -169,12 +177,22 @@ def score_grid(inputs: RunInputs, plan: Plan, finetuned: dict, adapted: list) ->
     return [points[i] for i in range(len(grid))]
 
 
+def log_selection(selection: Selection) -> None:
+    """The choice and why; what to check (warnings); the other families at a grid's edge."""
+    logger = get_run_logger()
+    logger.info("select: %s", selection.why())
+    for warning in selection.warnings():
+        logger.warning("select: %s", warning)
+    if selection.other_edges():
+        logger.info("select: other families at an edge: %s", "; ".join(selection.other_edges()))
+
+
 def score_report(
-    inputs: RunInputs, plan: Plan, selection: Selection, adapted: list
+    inputs: RunInputs, plan: Plan, selection: Selection, adapted: list, sizes: dict
 ) -> tuple[dict[str, dict], dict | None]:
     """Each family's best point, the baselines, the references (and the CART index, when
-    the spec asks for one) on the report splits: the comparison by kind, and the index's
-    path, label and size."""
+    the spec asks for one) on the report splits (``sizes``: task → split → images): the
+    comparison by kind, with intervals, and the index's path, label and size."""
     candidates = plan.report_candidates([p.candidate for p in selection.family_best.values()])
     scores = score_each(inputs, candidates, adapted)
     kinds = {label: c.report_kind for label, c in candidates.items()}
@@ -187,7 +205,8 @@ def score_report(
         for label, c in candidates.items()
         if isinstance(c, DataAware)
     }
-    return report.compare(kinds, scores, adaptations), compression
+    report_sizes = {task: per_split[REPORT] for task, per_split in sizes.items()}
+    return report.compare(kinds, scores, adaptations, report_sizes), compression
 
 
 def score_each(inputs: RunInputs, candidates: dict, adapted: list) -> dict[str, dict]:
@@ -245,6 +264,7 @@ def run_from_cli(spec_path: str, cache_dir: str | None = None, dask: str | None 
     """Entry point for ``mergeflow run``: validate the spec file, then run the flow (on Dask
     when ``dask`` is given: ``"local"`` or a scheduler address)."""
     spec = MergeSpec.from_yaml(spec_path)
+    quiet_servers()
     quiet_console()
     if dask:
         from flows.dask_pipeline import on_dask

@@ -120,7 +120,8 @@ def per_task_heatmap(comparison: Mapping[str, Mapping], path: str | Path) -> Pat
 def per_task_bars(comparison: Mapping[str, Mapping], path: str | Path) -> Path:
     """Grouped bars: report-split accuracy per task (and the mean) of the best model of
     each kind and the references (:func:`best_of_each_kind`). ``comparison``: label →
-    summary with ``accuracy`` (per task), ``mean_accuracy`` and ``kind``."""
+    summary with ``accuracy`` (per task), ``mean_accuracy`` and ``kind``, and where given
+    their 95% intervals (``interval``, ``mean_interval``), drawn as error bars."""
     plt = _pyplot()
     comparison = best_of_each_kind(comparison)
     labels = list(comparison)
@@ -137,6 +138,8 @@ def per_task_bars(comparison: Mapping[str, Mapping], path: str | Path) -> Path:
             values,
             width,
             label=_short(label),
+            yerr=_error_bars(summary, tasks, values),
+            error_kw={"elinewidth": 0.7, "capsize": 1.5, "ecolor": "0.25"},
         )
     ax.set_xticks(range(len(groups)), groups)
     ax.set_ylabel("accuracy (%)")
@@ -146,6 +149,17 @@ def per_task_bars(comparison: Mapping[str, Mapping], path: str | Path) -> Path:
     ax.set_title("Report-split accuracy per task")
     figure.tight_layout()
     return _save(plt, figure, path)
+
+
+def _error_bars(summary: Mapping, tasks: Sequence[str], values: Sequence[float]):
+    """The 95% intervals of a summary (per task, then the mean) as matplotlib's (2, N)
+    distances below and above each bar, or None when the summary has none."""
+    if "interval" not in summary or "mean_interval" not in summary:
+        return None
+    bounds = [summary["interval"][t] for t in tasks] + [summary["mean_interval"]]
+    below = [v - 100 * low for v, (low, _) in zip(values, bounds, strict=True)]
+    above = [100 * high - v for v, (_, high) in zip(values, bounds, strict=True)]
+    return [[max(0.0, b) for b in below], [max(0.0, a) for a in above]]
 
 
 def per_task_radar(comparison: Mapping[str, Mapping], path: str | Path) -> Path:

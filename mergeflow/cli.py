@@ -6,6 +6,8 @@
     mergeflow methods
     mergeflow compress --finetuned A B C --tasks a b c --out INDEX
     mergeflow rebuild INDEX --task b --out B
+    mergeflow run SPEC.yaml [--json]
+    mergeflow doctor
 
 Bad input ends the command with exit status 2 and one line on stderr saying what is wrong.
 """
@@ -146,6 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("spec", help="merge spec, a YAML file")
     run.add_argument("--cache-dir", help="local cache (default: ~/.cache/mergeflow)")
     run.add_argument(
+        "--json",
+        action="store_true",
+        help="print the run's report as one JSON document (for scripts) instead of text",
+    )
+    run.add_argument(
         "--dask",
         nargs="?",
         const="local",
@@ -153,6 +160,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="fan the scoring out over Dask: a scheduler address, or (no value) a local "
         "cluster of MERGEFLOW_DASK_WORKERS processes (default 2)",
     )
+
+    doctor = commands.add_parser(
+        "doctor",
+        help="check that the stores are reachable and writable and the stack is as pinned",
+        description="Write a probe to the cache, the result store and the artifact root, "
+        "query the MLflow tracking store, and compare the key packages with constraints.txt; "
+        "one line per check, exit status 1 if any fails.",
+    )
+    doctor.add_argument("--cache-dir", help="local cache (default: ~/.cache/mergeflow)")
 
     score = commands.add_parser(
         "score-model",
@@ -247,13 +263,21 @@ def _run_pipeline(args: argparse.Namespace) -> int:
     from mergeflow.spec import MergeSpec
 
     MergeSpec.from_yaml(args.spec)  # fail on a bad spec before starting any orchestration
+    from mergeflow import report
+
     result = _runner("pipeline")(args.spec, args.cache_dir, dask=args.dask)
-    registration = result["registration"]
-    print(
-        f"registered models:/{registration['name']}/{registration['version']} "
-        f"({', '.join(registration['aliases'])})"
-    )
+    print(report.json_document(result) if args.json else report.text(result))
     return 0
+
+
+def _run_doctor(args: argparse.Namespace) -> int:
+    from mergeflow import doctor, stores
+
+    where = stores.current(args.cache_dir)
+    checks = doctor.diagnose(where, doctor.default_pins_file())
+    for check in checks:
+        print(check.line())
+    return 0 if all(c.ok for c in checks) else 1
 
 
 def _run_score_model(args: argparse.Namespace) -> int:
@@ -352,6 +376,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run_merge(args)
         if args.command == "run":
             return _run_pipeline(args)
+        if args.command == "doctor":
+            return _run_doctor(args)
         if args.command == "score-model":
             return _run_score_model(args)
         if args.command == "promote":

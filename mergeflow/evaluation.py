@@ -15,6 +15,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from mergeflow.data import PreparedSplit, prepare_split
@@ -97,26 +98,35 @@ def prepare_tasks(
 
 
 @torch.no_grad()
-def accuracy(
+def correctness(
     model, task: PreparedTask, split: str = SELECTION, batch_size: int = 256, device="auto"
-) -> float:
-    """Top-1 accuracy of ``model`` on one prepared split."""
+) -> np.ndarray:
+    """Whether ``model``'s top-1 prediction is right, per image of one prepared split
+    (bool, (N,), in the split's order)."""
     device = resolve_device(device)
     model = model.to(device).eval()
     data = task.splits[split]
     head = task.head.to(device)
-    correct = 0
+    right = []
     for start in range(0, len(data.labels), batch_size):
         images = data.images[start : start + batch_size].to(device)
         predicted = classify(model, head, images).argmax(1).cpu()
-        correct += int((predicted == data.labels[start : start + batch_size]).sum())
-    return correct / len(data.labels)
+        right.append(predicted == data.labels[start : start + batch_size])
+    return torch.cat(right).numpy()
 
 
-def score_all(
+def accuracy(
+    model, task: PreparedTask, split: str = SELECTION, batch_size: int = 256, device="auto"
+) -> float:
+    """Top-1 accuracy of ``model`` on one prepared split."""
+    return float(correctness(model, task, split, batch_size, device).mean())
+
+
+def judge_all(
     model, tasks: Sequence[PreparedTask], split: str = SELECTION, batch_size=256, device="auto"
-) -> dict[str, float]:
-    return {t.name: accuracy(model, t, split, batch_size, device) for t in tasks}
+) -> dict[str, np.ndarray]:
+    """:func:`correctness` on each task."""
+    return {t.name: correctness(model, t, split, batch_size, device) for t in tasks}
 
 
 def summarize(accuracies: Mapping[str, float], finetuned: Mapping[str, float]) -> dict:
@@ -152,18 +162,29 @@ class EvaluationContext:
         missing = [k for k in self.base if k not in state]
         return {**state, **{k: self.base[k] for k in missing}} if missing else state
 
-    def score(
+    def judge(
         self, state: StateDict, split: str = SELECTION, only: str | None = None
-    ) -> dict[str, float]:
-        """Per-task accuracy of ``state`` (open_clip or transformers CLIP names; missing
-        tensors taken from the base) on ``split`` (of task ``only``, if given)."""
+    ) -> dict[str, np.ndarray]:
+        """Per-task, per-image correctness of ``state`` (open_clip or transformers CLIP
+        names; missing tensors taken from the base) on ``split`` (of task ``only``, if
+        given)."""
         from mergeflow.hf_clip import to_open_clip
 
         tasks = [t for t in self.tasks if only in (None, t.name)]
         weights = to_open_clip(self.complete(state))
         with self.lock:
             self.model.load_state_dict(weights)
-            return score_all(self.model, tasks, split, self.spec.batch_size, self.spec.device)
+            return judge_all(self.model, tasks, split, self.spec.batch_size, self.spec.device)
+
+    def score(
+        self, state: StateDict, split: str = SELECTION, only: str | None = None
+    ) -> dict[str, float]:
+        """Per-task accuracy of ``state`` on ``split``: :meth:`judge`, averaged."""
+        return {t: float(c.mean()) for t, c in self.judge(state, split, only).items()}
+
+    def sizes(self, split: str) -> dict[str, int]:
+        """Images per task on ``split``."""
+        return {t.name: len(t.splits[split].labels) for t in self.tasks}
 
     def data_digest(self, split: str, only: str | None = None) -> str:
         """Digest of what scores on ``split`` depend on besides the weights: each task's

@@ -15,15 +15,18 @@ import dataclasses
 import json
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from mergeflow import registry
-from mergeflow.candidates import Candidate, reference
+import numpy as np
+
+from mergeflow import registry, selection, stats
+from mergeflow.candidates import Candidate, FixedMethod, reference
 from mergeflow.checkpoints import open_checkpoint, save_state_dict
 from mergeflow.errors import ParameterError, RegistrationError
-from mergeflow.evaluation import REPORT, accuracy, summarize
+from mergeflow.evaluation import REPORT, SELECTION, accuracy, summarize
 from mergeflow.run import Run, content_key, load_index
+from mergeflow.selection import GridPoint
 from mergeflow.statedict import StateDict
 
 log = logging.getLogger(__name__)
@@ -63,21 +66,47 @@ def check_bases(run: Run) -> dict[str, float]:
     return distances
 
 
-def cached_scores(
-    run: Run, model_key: str, split: str, compute: Callable[[], dict], only: str | None = None
-) -> dict[str, float]:
-    """Scores of the model named ``model_key`` on ``split`` (of task ``only``), from the
-    result store when they were computed before on the same data, else ``compute()``d
-    and stored."""
+def _score_record(run: Run, model_key: str, split: str, only: str | None) -> tuple[str, dict]:
     context = run.context
-    key = content_key("scores/1", model_key, split, context.data_digest(split, only))
-    record = run.store.read_json("scores", key)
-    if record is not None:
-        # the record's keys are sorted; give them back in the spec's task order
-        return {t.name: record["accuracy"][t.name] for t in context.tasks if only in (None, t.name)}
-    scores = compute()
-    run.store.write_json("scores", key, {"accuracy": scores, "model": model_key, "split": split})
-    return scores
+    key = content_key("scores/2", model_key, split, context.data_digest(split, only))
+    return key, run.store.read_json("scores", key)
+
+
+def cached_scores(
+    run: Run,
+    model_key: str,
+    split: str,
+    compute: Callable[[], dict[str, np.ndarray]],
+    only: str | None = None,
+) -> dict[str, float]:
+    """Accuracy of the model named ``model_key`` on ``split`` (of task ``only``), from the
+    result store when it was scored before on the same data, else ``compute()``d (per-image
+    correctness, which the record keeps for paired comparisons) and stored."""
+    key, record = _score_record(run, model_key, split, only)
+    if record is None:
+        correct = compute()
+        record = {
+            "accuracy": {t: float(c.mean()) for t, c in correct.items()},
+            "correct": {t: stats.pack(c) for t, c in correct.items()},
+            "images": {t: len(c) for t, c in correct.items()},
+            "model": model_key,
+            "split": split,
+        }
+        run.store.write_json("scores", key, record)
+    # the record's keys are sorted; give them back in the spec's task order
+    tasks = [t for t in run.task_names if only in (None, t)]
+    return {t: record["accuracy"][t] for t in tasks}
+
+
+def stored_correctness(
+    run: Run, model_key: str, split: str, only: str | None = None
+) -> dict[str, np.ndarray]:
+    """The per-image correctness :func:`cached_scores` stored for ``model_key``."""
+    _, record = _score_record(run, model_key, split, only)
+    if record is None:
+        raise ParameterError(f"model {model_key} has no scores on the {split} split yet")
+    tasks = [t for t in run.task_names if only in (None, t)]
+    return {t: stats.unpack(record["correct"][t], record["images"][t]) for t in tasks}
 
 
 def score(run: Run, candidate: Candidate, split: str) -> dict[str, float]:
@@ -87,10 +116,38 @@ def score(run: Run, candidate: Candidate, split: str) -> dict[str, float]:
     for task in run.task_names if candidate.per_task else [None]:
 
         def compute(task=task):
-            return run.context.score(candidate.state(run, task), split, only=task)
+            return run.context.judge(candidate.state(run, task), split, only=task)
 
         scores.update(cached_scores(run, candidate.key(run, task), split, compute, only=task))
     return scores
+
+
+def correctness(run: Run, candidate: Candidate, split: str) -> dict[str, np.ndarray]:
+    """Per-task, per-image correctness of ``candidate`` on ``split`` (scored first if the
+    store lacks it)."""
+    score(run, candidate, split)
+    correct = {}
+    for task in run.task_names if candidate.per_task else [None]:
+        correct.update(stored_correctness(run, candidate.key(run, task), split, only=task))
+    return correct
+
+
+def choose(
+    run: Run, points: Sequence[GridPoint], finetuned: Mapping[str, float]
+) -> selection.Selection:
+    """:func:`~mergeflow.selection.select` with evidence: the per-image correctness on the
+    selection splits of each mergeable family's best and of weight averaging, weighted by
+    1 / each task's fine-tuned accuracy (so differences are in mean normalized accuracy)."""
+    bests = selection.select(points).family_best.values()
+    correct = {
+        p.candidate.label: correctness(run, p.candidate, SELECTION)
+        for p in bests
+        if not p.candidate.per_task
+    }
+    average = FixedMethod(name="average", params={}, label="weight averaging")
+    correct.setdefault(average.label, correctness(run, average, SELECTION))
+    weights = {t: 1 / a for t, a in finetuned.items()} if all(finetuned.values()) else None
+    return selection.select(points, selection.Evidence(correct, weights, average.label))
 
 
 def score_index(run: Run, path: str, split: str = REPORT) -> dict[str, float]:
@@ -101,7 +158,7 @@ def score_index(run: Run, path: str, split: str = REPORT) -> dict[str, float]:
 
         def compute(task=name):
             rebuilt = load_index(path).rebuild(task, run.spec.device)
-            return run.context.score(rebuilt, split, only=task)
+            return run.context.judge(rebuilt, split, only=task)
 
         scores.update(cached_scores(run, key, split, compute, only=name))
     return scores

@@ -4,10 +4,12 @@ kind), and the tables and markdown that Prefect artifacts and the terminal show.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from mergeflow import stats
 from mergeflow.evaluation import summarize
 from mergeflow.selection import GridPoint
 
@@ -18,10 +20,13 @@ def compare(
     kinds: Mapping[str, str],
     scores: Mapping[str, Mapping[str, float]],
     adaptations: Mapping[str, dict] | None = None,
+    sizes: Mapping[str, int] | None = None,
 ) -> dict[str, dict]:
     """Label → summary on the report split against the fine-tuned models (NaN normalized
-    accuracy without them), with its ``kind`` (data-free, data-aware, per-task, reference)
-    and, for a data-aware entry, what it learned (``adaptation``)."""
+    accuracy without them), with its ``kind`` (data-free, data-aware, per-task, reference),
+    for a data-aware entry what it learned (``adaptation``) and, given the images per task
+    (``sizes``), 95% intervals: Wilson's per task (``interval``), and of the mean over
+    tasks (``mean_interval``)."""
     unknown = sorted(set(kinds.values()) - set(KINDS))
     if unknown:
         raise ValueError(f"unknown report kind {unknown[0]!r}")
@@ -31,6 +36,11 @@ def compare(
     for label, accuracy in scores.items():
         summary = summarize(accuracy, reference)
         summary["kind"] = kinds[label]
+        if sizes is not None:
+            summary["interval"] = {
+                t: list(stats.wilson(round(a * sizes[t]), sizes[t])) for t, a in accuracy.items()
+            }
+            summary["mean_interval"] = list(stats.mean_interval(accuracy, sizes))
         if adaptations and label in adaptations:
             summary["adaptation"] = adaptations[label]
         comparison[label] = summary
@@ -114,16 +124,16 @@ def markdown(
         f"{reused}): {winner}, report mean accuracy "
         f"{comparison[winner]['mean_accuracy']:.4f}" + (f"\n\n{storage}" if storage else ""),
         "",
-        "| model | kind | " + " | ".join(tasks) + " | mean |",
+        "| model | kind | " + " | ".join(tasks) + " | mean (95% interval) |",
         "|---|---|" + "---|" * (len(tasks) + 1),
     ]
     for label, summary in sorted(comparison.items(), key=lambda kv: -kv[1]["mean_accuracy"]):
         cells = [f"{100 * summary['accuracy'][t]:.1f}" for t in tasks]
-        lines.append(
-            f"| {label} | {summary['kind']} | "
-            + " | ".join(cells)
-            + f" | {100 * summary['mean_accuracy']:.1f} |"
-        )
+        mean = f"{100 * summary['mean_accuracy']:.1f}"
+        if "mean_interval" in summary:
+            low, high = summary["mean_interval"]
+            mean += f" ({100 * low:.1f}–{100 * high:.1f})"
+        lines.append(f"| {label} | {summary['kind']} | " + " | ".join(cells) + f" | {mean} |")
     lines += ["", "Charts, logged to MLflow with the run:", ""]
     base = registration.get("artifact_uri", "")
     for artifact_path in charts:
@@ -132,3 +142,122 @@ def markdown(
     if registration.get("run_url"):
         lines += ["", f"MLflow run: {registration['run_url']}"]
     return "\n".join(lines)
+
+
+def table(comparison: Mapping[str, dict], tasks: Sequence[str]) -> str:
+    """Report accuracy (%) per task and mean, with the mean's 95% interval where known: the
+    references, data-free merges, data-aware merges and per-task models (compression)
+    apart, each group sorted by mean accuracy."""
+    label = max(17, *(len(n) + 1 for n in comparison))
+    width = max(7, *(len(t) for t in tasks))
+    header = f"{'method':{label}s}" + "".join(f"{t[:width]:>{width + 1}s}" for t in tasks)
+    lines = [header + "   mean  95% interval"]
+    for kind in ("reference", "data-free", "data-aware", "per-task"):
+        names = sorted(
+            (n for n, s in comparison.items() if s.get("kind", "data-free") == kind),
+            key=lambda n: comparison[n]["mean_accuracy"],
+        )
+        if names:
+            lines.append(f"-- {kind}")
+        for name in names:
+            summary = comparison[name]
+            cells = "".join(f"{100 * summary['accuracy'][t]:>{width + 1}.1f}" for t in tasks)
+            line = f"{name:{label}s}{cells}{100 * summary['mean_accuracy']:>7.1f}"
+            if "mean_interval" in summary:
+                low, high = summary["mean_interval"]
+                line += f"  {100 * low:.1f}-{100 * high:.1f}"
+            lines.append(line)
+    return "\n".join(lines)
+
+
+def adaptation_lines(comparison: Mapping[str, dict]) -> list[str]:
+    """What each data-aware merge's adaptation did: entropy (and objective) before → after,
+    and the share of samples it used."""
+    lines = []
+    for name, summary in comparison.items():
+        info = summary.get("adaptation") or {}
+        if "entropy_before" in info:
+            kept = info.get("samples_kept", {})
+            share = sum(kept.values()) / len(kept) if kept else 1.0
+            line = (
+                f"  {name}: mean entropy {info['entropy_before']:.3f} -> "
+                f"{info['entropy_after']:.3f}"
+            )
+            if info.get("diversity"):
+                line += (
+                    f", objective {info['objective_before']:.3f} -> {info['objective_after']:.3f}"
+                )
+            lines.append(f"{line}, samples used {100 * share:.0f}%")
+    return lines
+
+
+def text(result: Mapping) -> str:
+    """The run's answer as the terminal shows it (``mergeflow run``, ``make demo``): the
+    table, the choice and why, warnings, adaptations, the CART index, what the result store
+    gave back and what was computed, the registration, the charts, the stores."""
+    comparison = result["comparison"]
+    tasks = list(next(iter(comparison.values()))["accuracy"]) if comparison else []
+    lines = ["Report-split accuracy (%) per task and method", table(comparison, tasks), ""]
+    chosen = result.get("selection") or {}
+    lines.append(f"chosen: {chosen.get('why') or result['best']['label']}")
+    average = chosen.get("versus_average")
+    if average:
+        low, high = average["interval"]
+        lines.append(
+            f"  against {average['other']}: {100 * average['difference']:+.1f} points of mean "
+            f"normalized accuracy (95% interval {100 * low:+.1f} to {100 * high:+.1f})"
+        )
+    for warning in chosen.get("warnings", []):
+        lines.append(f"warning: {warning}")
+    if chosen.get("other_edges"):
+        lines.append("at an edge of their search: " + "; ".join(chosen["other_edges"]))
+    adaptation = adaptation_lines(comparison)
+    if adaptation:
+        lines += ["test-time adaptation (coefficients are in MLflow, results.json):", *adaptation]
+    compression = result.get("compression")
+    if compression:
+        lines.append(storage_line(compression, len(tasks)))
+    usage = result.get("store_usage")
+    if usage:
+        lines.append(usage_line(usage))
+    registration = result["registration"]
+    lines.append(f"registered: {registration_line(registration)}")
+    if compression and compression.get("registration"):
+        lines.append(f"registered the index: {registration_line(compression['registration'])}")
+    if result.get("charts"):
+        lines.append("charts:")
+        lines += [f"  {path}" for path in result["charts"].values()]
+    if registration.get("run_url") or registration.get("run_id"):
+        lines.append(f"MLflow run: {registration.get('run_url') or registration['run_id']}")
+    if result.get("stores"):
+        lines.append(stores_line(result["stores"]))
+    return "\n".join(lines)
+
+
+def usage_line(usage: Mapping[str, Mapping[str, int]]) -> str:
+    """``{kind: {reused, computed}}`` in one line."""
+    reused = ", ".join(f"{u['reused']} {k}" for k, u in usage.items() if u.get("reused"))
+    computed = ", ".join(f"{u['computed']} {k}" for k, u in usage.items() if u.get("computed"))
+    return f"result store: reused {reused or 'nothing'}; computed {computed or 'nothing'}"
+
+
+def stores_line(stores: Mapping[str, str]) -> str:
+    """Where the run's stores are (a :meth:`mergeflow.stores.Stores.record`), in one line."""
+    from mergeflow.stores import Stores
+
+    return Stores(**stores).line()
+
+
+def json_document(result: Mapping) -> str:
+    """The run's result as one JSON document (``mergeflow run --json``): NaN as null."""
+
+    def clean(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, Mapping):
+            return {str(k): clean(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [clean(v) for v in value]
+        return value
+
+    return json.dumps(clean(result), indent=2, default=str)

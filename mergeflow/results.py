@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,6 +33,46 @@ from mergeflow.storage import (
 log = logging.getLogger(__name__)
 
 STORE_VARIABLE = "MERGEFLOW_RESULT_STORE"
+
+
+class StoreUsage:
+    """Which results this process found in a store and which it made, by kind, from a
+    point on (:meth:`mark`): each (kind, name) counted once, as computed if it was made
+    since then, else as reused. In-process: a run whose steps run in other processes (Dask
+    workers) sees only its own."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._events: list[tuple[str, str, bool]] = []  # (kind, name, computed)
+
+    def reused(self, kind: str, name: str) -> None:
+        with self._lock:
+            self._events.append((kind, name, False))
+
+    def computed(self, kind: str, name: str) -> None:
+        with self._lock:
+            self._events.append((kind, name, True))
+
+    def mark(self) -> int:
+        with self._lock:
+            return len(self._events)
+
+    def since(self, mark: int) -> dict[str, dict[str, int]]:
+        """``{kind: {"reused": n, "computed": m}}`` of the results used after ``mark``."""
+        with self._lock:
+            events = self._events[mark:]
+        made: dict[tuple[str, str], bool] = {}
+        for kind, name, computed in events:
+            made[(kind, name)] = made.get((kind, name), False) or computed
+        counts: dict[str, dict[str, int]] = {}
+        for (kind, _), computed in made.items():
+            counts.setdefault(kind, {"reused": 0, "computed": 0})[
+                "computed" if computed else "reused"
+            ] += 1
+        return dict(sorted(counts.items()))
+
+
+USAGE = StoreUsage()
 
 
 class ResultStore:
@@ -64,10 +105,12 @@ class ResultStore:
         uri = self.uri(kind, name)
         if self._exists(uri):
             log.info("reusing %s", uri)
+            USAGE.reused(kind, name)
         elif self.remote:
             with tempfile.TemporaryDirectory(prefix="mergeflow-result-") as tmp:
                 staged = str(Path(tmp) / name)
                 build(staged)
+                USAGE.computed(kind, name)
                 if self._exists(uri):
                     log.info("%s was stored meanwhile by another run; using that one", uri)
                 else:
@@ -75,6 +118,7 @@ class ResultStore:
                         shutil.copyfile(staged, target)
         else:
             build(uri)
+            USAGE.computed(kind, name)
         attempts = 3
         for attempt in range(1, attempts + 1):
             try:
@@ -94,8 +138,11 @@ class ResultStore:
             if self.remote:
                 fs, path = filesystem(uri)
                 with fs.open(path, "rb") as f:
-                    return json.loads(f.read())
-            return json.loads(local_path(uri).read_text())
+                    record = json.loads(f.read())
+            else:
+                record = json.loads(local_path(uri).read_text())
+            USAGE.reused(kind, key)
+            return record
         except FileNotFoundError:
             return None
         except ValueError:
@@ -105,6 +152,7 @@ class ResultStore:
     def write_json(self, kind: str, key: str, record: dict) -> None:
         uri = self.uri(kind, f"{key}.json")
         data = json.dumps(record, sort_keys=True).encode()
+        USAGE.computed(kind, key)
         if not self.remote:
             atomic_write_bytes(local_path(uri), data)
             return

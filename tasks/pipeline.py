@@ -16,6 +16,7 @@ from mergeflow import pipeline
 from mergeflow.candidates import AnyCandidate, DataAware
 from mergeflow.evaluation import REPORT, SELECTION
 from mergeflow.run import RunInputs, open_run
+from mergeflow.selection import GridPoint, Selection
 from mergeflow.spec import MergeSpec
 from tasks.checkpoints import RETRY_ON_SERVER_ERRORS
 
@@ -73,6 +74,15 @@ def score(inputs: RunInputs, candidate: AnyCandidate, split: str = REPORT) -> di
     if split not in (SELECTION, REPORT):
         raise ValueError(f"split must be {SELECTION!r} or {REPORT!r}, not {split!r}")
     return pipeline.score(open_run(inputs), candidate, split)
+
+
+@task(name="select", task_run_name="select the winner of {inputs.spec.registered_model}")
+def select_winner(
+    inputs: RunInputs, points: list[GridPoint], finetuned: dict[str, float]
+) -> Selection:
+    """Each family's best and the winner, compared (paired bootstrap over the selection
+    images) with the runner-up and weight averaging; ties go by the tie rule."""
+    return pipeline.choose(open_run(inputs), points, finetuned)
 
 
 @task(name="read adaptation", task_run_name="read what {candidate.label} learned")

@@ -59,3 +59,26 @@ def test_bars_show_the_best_of_each_kind_and_the_references():
                 s["mean_accuracy"] for s in comparison.values() if s["kind"] == summary["kind"]
             ]
             assert summary["mean_accuracy"] == max(same_kind), label
+
+
+def test_bars_carry_the_reports_intervals_as_error_bars(tmp_path):
+    from mergeflow.report import compare
+
+    scores = {"finetuned": {"a": 0.9, "b": 0.8}, "cart": {"a": 0.6, "b": 0.5}}
+    comparison = compare(
+        {"finetuned": "reference", "cart": "data-free"}, scores, sizes={"a": 50, "b": 400}
+    )
+    summary = comparison["cart"]
+    values = [60.0, 50.0, 55.0]
+    below, above = charts._error_bars(summary, ["a", "b"], values)
+    # fewer images, wider interval: task a's bar (50 images) has the longer whiskers
+    assert below[0] > below[1] > 0 and above[0] > above[1] > 0
+    assert below[2] == pytest.approx(55.0 - 100 * summary["mean_interval"][0])
+    assert (
+        charts._error_bars(
+            compare({"cart": "data-free"}, {"cart": scores["cart"]})["cart"], ["a", "b"], values
+        )
+        is None
+    )
+    path = charts.per_task_bars(comparison, tmp_path / "bars.png")
+    assert Image.open(path).size[0] < charts.MAX_WIDTH_PX

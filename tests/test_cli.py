@@ -308,3 +308,42 @@ def test_a_non_finite_weight_is_refused_by_file_and_key(checkpoints, tmp_path, c
         err = capsys.readouterr().err
         assert f"{paths[1]}: key '{key}' holds 1 NaN or Inf value(s)" in err
         assert not out.exists()
+
+
+def test_doctor_checks_each_store_by_writing_to_it(s3_endpoint, bucket, tmp_path):
+    """Against real stores: a local cache, the result store on (moto's) S3, MLflow on
+    SQLite. All answer: exit 0, one line each; a missing bucket and an unwritable cache
+    are each named, and the exit status says so."""
+    env = {
+        "MERGEFLOW_CACHE_DIR": str(tmp_path / "cache"),
+        "MERGEFLOW_RESULT_STORE": f"s3://{bucket}/results",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "MERGEFLOW_ARTIFACT_ROOT": f"s3://{bucket}/artifacts",
+    }
+    healthy = run_cli("doctor", env=env)
+    assert healthy.returncode == 0, healthy.stdout + healthy.stderr
+    lines = healthy.stdout.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == [
+        "ok    cache",
+        "ok    result store",
+        "ok    tracking",
+        "ok    artifacts",
+        "ok    versions",
+    ]
+    assert f"s3://{bucket}/results (writable)" in lines[1]
+    assert healthy.stderr == ""
+    import boto3
+
+    left = boto3.client("s3").list_objects_v2(Bucket=bucket).get("KeyCount", 0)
+    assert left == 0  # the probes are removed
+    (tmp_path / "not-a-folder").write_text("")
+    broken = {
+        **env,
+        "MERGEFLOW_CACHE_DIR": str(tmp_path / "not-a-folder"),
+        "MERGEFLOW_RESULT_STORE": "s3://no-such-bucket-here/results",
+    }
+    sick = run_cli("doctor", env=broken)
+    assert sick.returncode == 1
+    failed = [line for line in sick.stdout.splitlines() if line.startswith("FAIL")]
+    assert any(f"cache: {tmp_path / 'not-a-folder'}: cannot write there" in f for f in failed)
+    assert any("result store: s3://no-such-bucket-here/results: cannot write" in f for f in failed)

@@ -98,3 +98,51 @@ def test_a_retried_event_flush_of_the_ephemeral_server_is_not_shown_but_a_drop_i
     assert "1 to retry, 0 dropped" not in shown
     assert "2 dropped" in shown and "database is locked" in shown
     assert "Dropping event e1" in shown
+
+
+_EPHEMERAL_RUN = """
+import json, sys
+from flows.console import quiet_servers
+quiet_servers()
+from prefect import flow
+from prefect.server.api.server import SubprocessASGIServer
+
+@flow
+def hello():
+    return 1
+
+hello()
+servers = [s for s in SubprocessASGIServer._instances.values() if s.running]
+import httpx
+settings = httpx.get(servers[0].api_url + "/admin/settings", timeout=30).json()
+print(json.dumps({"analytics": settings["server"]["analytics_enabled"],
+                  "timeout": settings["server"]["ephemeral"]["startup_timeout_seconds"]}))
+"""
+
+
+def test_an_ephemeral_server_that_mergeflow_starts_runs_no_analytics(tmp_path):
+    """A flow run with no Prefect API configured (as ``mergeflow run`` and ``make demo``
+    do it): the ephemeral server Prefect starts for it reports analytics (its telemetry
+    service) off and the raised startup timeout, read from its own settings endpoint."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.pop("DO_NOT_TRACK", None)
+    env.update({"PREFECT_HOME": str(tmp_path / "prefect"), "PYTHONPATH": str(root)})
+    ran = subprocess.run(
+        [sys.executable, "-c", _EPHEMERAL_RUN],
+        env=env,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    found = json.loads(ran.stdout.strip().splitlines()[-1])
+    assert found == {"analytics": False, "timeout": 180}
+    assert "Traceback" not in ran.stderr and "telemetry" not in ran.stderr.lower()

@@ -13,6 +13,7 @@ from conftest import ZOO_TASKS as TASKS
 from conftest import candidate, planned, run_of
 from PIL import Image
 
+from mergeflow import report
 from mergeflow.candidates import DataAware, FixedMethod, cart_point
 from mergeflow.evaluation import EvaluationContext
 from mergeflow.models import image_transform
@@ -81,10 +82,29 @@ def test_pipeline_registers_a_champion_that_classifies(
     learned = comparison["adamerging samples=16 steps=3"]["adaptation"]["coefficients"]
     assert set(learned) == set(TASKS)
     by_label = {p["label"]: p["mean_normalized"] for p in result["grid"]}
-    assert by_label[best["label"]] == max(by_label.values())
     for family, label in result["family_best"].items():
         same_family = [p["mean_normalized"] for p in result["grid"] if p["family"] == family]
         assert by_label[label] == max(same_family)
+    # the winner is the best family's best, unless the selection images cannot tell it
+    # from one the tie rule prefers (CART); either way it is compared with the other and
+    # with weight averaging, with 95% intervals
+    selection = result["selection"]
+    assert selection["winner"] == best["label"] in result["family_best"].values()
+    top = max(result["family_best"].values(), key=by_label.get)
+    runner_up = selection["runner_up"]
+    if selection["by_tie_rule"]:
+        assert runner_up["other"] == top and not runner_up["distinguishable"]
+        assert best["method"] == "cart"
+    else:
+        assert by_label[best["label"]] == by_label[top]
+        assert runner_up["other"] in result["family_best"].values()
+    low, high = runner_up["interval"]
+    assert low <= runner_up["difference"] <= high
+    assert selection["versus_average"]["other"] == "weight averaging"
+    # report accuracies carry Wilson intervals over their images
+    for summary in comparison.values():
+        for task, (low, high) in summary["interval"].items():
+            assert low <= summary["accuracy"][task] <= high
 
     client = mlflow.MlflowClient()
     champion = client.get_model_version_by_alias("zoo-test", "champion")
@@ -171,7 +191,7 @@ def test_pipeline_registers_a_champion_that_classifies(
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(CartFactors, "factorize", must_not_run)
-        patch.setattr(EvaluationContext, "score", must_not_run)
+        patch.setattr(EvaluationContext, "judge", must_not_run)
         patch.setattr(FixedMethod, "weights", must_not_run)
         patch.setattr(DataAware, "_adapt", must_not_run)
         patch.setattr(CartIndex, "build", must_not_run)
@@ -179,6 +199,16 @@ def test_pipeline_registers_a_champion_that_classifies(
     assert again["registration"]["version"] == "1"
     assert again["registration"]["reused"] is True
     assert again["comparison"] == comparison
+    assert again["selection"] == selection
+    # what the terminal shows: the table with intervals, the choice, the reuse, the stores
+    assert all(u["computed"] == 0 for u in again["store_usage"].values())
+    assert again["store_usage"]["scores"]["reused"] >= len(result["grid"])
+    printed = report.text(again)
+    assert "95% interval" in printed and f"chosen: {selection['why']}" in printed
+    assert "computed nothing" in printed
+    assert "(champion; already registered, no new version)" in printed
+    assert f"tracking {tracking}" in printed
+    assert json.loads(report.json_document(again))["selection"]["winner"] == best["label"]
     assert len(client.search_model_versions("name='zoo-test'")) == 1
     assert os.environ["MLFLOW_TRACKING_URI"] == tracking
 

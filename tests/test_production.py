@@ -185,17 +185,17 @@ def _scores_of(result):
 
 
 class _Counter:
-    """Counts calls of EvaluationContext.score (every forward pass over a split)."""
+    """Counts calls of EvaluationContext.judge (every forward pass over a split)."""
 
     def __init__(self, patch):
         self.calls = 0
-        original = EvaluationContext.score
+        original = EvaluationContext.judge
 
         def counted(context, *args, **kwargs):
             self.calls += 1
             return original(context, *args, **kwargs)
 
-        patch.setattr(EvaluationContext, "score", counted)
+        patch.setattr(EvaluationContext, "judge", counted)
 
 
 @pytest.mark.full
@@ -218,7 +218,7 @@ def test_result_store_on_s3_is_shared_by_workers_with_empty_caches(
         raise AssertionError("recomputed what the shared store holds")
 
     monkeypatch.setattr(CartFactors, "factorize", must_not_run)
-    monkeypatch.setattr(EvaluationContext, "score", must_not_run)
+    monkeypatch.setattr(EvaluationContext, "judge", must_not_run)
     monkeypatch.setattr(FixedMethod, "weights", must_not_run)
     second = merge_pipeline(spec, cache_dir=str(tmp_path / "worker-b"))
     assert _scores_of(second) == _scores_of(first)
