@@ -209,12 +209,28 @@ def test_pipeline_registers_a_champion_that_classifies(
     assert "(champion; already registered, no new version)" in printed
     assert f"tracking {tracking}" in printed
     assert json.loads(report.json_document(again))["selection"]["winner"] == best["label"]
+    # `mergeflow run --json` of the same spec: one JSON document on stdout, nothing made
+    from mergeflow.cli import main
+
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(spec.to_yaml())
+    earlier = capfd.readouterr()
+    assert main(["run", str(spec_file), "--json", "--cache-dir", cache_dir]) == 0
+    printed = capfd.readouterr()
+    document = json.loads(printed.out)
+    assert document["registration"]["reused"] is True
+    assert document["selection"] == selection
+    assert document["comparison"][best["label"]]["mean_interval"] == pytest.approx(
+        comparison[best["label"]]["mean_interval"]
+    )
     assert len(client.search_model_versions("name='zoo-test'")) == 1
     assert os.environ["MLFLOW_TRACKING_URI"] == tracking
 
     # no credential reached the logs, the flow runs' parameters, the artifacts or MLflow
     secrets = [os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"]]
-    assert_no_secrets(secrets, capfd.readouterr(), client, tmp_path)
+    rest = capfd.readouterr()
+    seen = type(rest)(earlier.out + printed.out + rest.out, earlier.err + printed.err + rest.err)
+    assert_no_secrets(secrets, seen, client, tmp_path)
 
 
 def assert_no_secrets(secrets, captured, client, tmp_path):
