@@ -27,12 +27,11 @@ from prefect.runtime import deployment, flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.console import PROGRESS_LINE, grid_bar, quiet_console, quiet_servers
-from mergeflow import report, stores
+from mergeflow import report, results, stores
 from mergeflow.candidates import DataAware, reference
 from mergeflow.checks import describe_distances
 from mergeflow.evaluation import REPORT, SELECTION
 from mergeflow.plan import Plan, make_plan
-from mergeflow.results import USAGE
 from mergeflow.run import RunInputs, combine_digests
 from mergeflow.selection import GridPoint, Selection, scored_point
 from mergeflow.spec import MergeSpec, SpecOverrides, resolve_spec
@@ -77,7 +76,7 @@ def merge_pipeline(
             deployment (on the GPU pool) first; the pipeline then finds their results in the
             shared result store.
     """
-    logger, started, usage = get_run_logger(), time.perf_counter(), USAGE.mark()
+    logger, started, usage = get_run_logger(), time.perf_counter(), results.USAGE.mark()
     spec = resolve_spec(spec, spec_uri, overrides)
     where = stores.use_defaults(cache_dir)
     logger.info(where.line())
@@ -123,7 +122,7 @@ def merge_pipeline(
         "registration": registration,
         "charts": charts,
         "stores": where.record(),
-        "store_usage": USAGE.since(usage),
+        "store_usage": results.USAGE.since(usage),
         "seconds": time.perf_counter() - started,
     }
 

@@ -173,7 +173,7 @@ def test_every_clip_format_runs_through_the_pipeline(
     assert cart(tv_result) == cart(reference)
     assert cart(fb_result) == cart(hf_result)
     out = capsys.readouterr().out
-    assert "registered models:/fmt-fusion-bench/1" in out
+    assert "registered: models:/fmt-fusion-bench/1" in out
 
     # the registered transformers-CLIP model classifies as transformers' own CLIPModel does
     _check_registered_hf_model(folder, fb_result, base_folder, "fmt-fusion-bench")
