@@ -13,7 +13,7 @@ from importlib import metadata
 from pathlib import Path
 
 from mergeflow.storage import filesystem, is_remote, local_path
-from mergeflow.stores import Stores, is_local_tracking
+from mergeflow.stores import Stores
 
 # the packages whose versions change what a run computes or can read
 KEY_PACKAGES = (
@@ -67,7 +67,7 @@ def check_writable(name: str, uri: str) -> Check:
 def check_tracking(uri: str) -> Check:
     """The tracking store answers (a local database is created if need be)."""
     try:
-        if is_local_tracking(uri) and uri.startswith("sqlite:///"):
+        if uri.startswith("sqlite:///"):
             _probe(str(Path(uri.removeprefix("sqlite:///")).parent))
         import logging
 

@@ -182,10 +182,6 @@ class EvaluationContext:
         """Per-task accuracy of ``state`` on ``split``: :meth:`judge`, averaged."""
         return {t: float(c.mean()) for t, c in self.judge(state, split, only).items()}
 
-    def sizes(self, split: str) -> dict[str, int]:
-        """Images per task on ``split``."""
-        return {t.name: len(t.splits[split].labels) for t in self.tasks}
-
     def data_digest(self, split: str, only: str | None = None) -> str:
         """Digest of what scores on ``split`` depend on besides the weights: each task's
         prepared images and labels and its zero-shot head."""

@@ -66,23 +66,19 @@ def check_bases(run: Run) -> dict[str, float]:
     return distances
 
 
-def _score_record(run: Run, model_key: str, split: str, only: str | None) -> tuple[str, dict]:
-    context = run.context
-    key = content_key("scores/2", model_key, split, context.data_digest(split, only))
-    return key, run.store.read_json("scores", key)
-
-
-def cached_scores(
+def score_record(
     run: Run,
     model_key: str,
     split: str,
     compute: Callable[[], dict[str, np.ndarray]],
     only: str | None = None,
-) -> dict[str, float]:
-    """Accuracy of the model named ``model_key`` on ``split`` (of task ``only``), from the
-    result store when it was scored before on the same data, else ``compute()``d (per-image
-    correctness, which the record keeps for paired comparisons) and stored."""
-    key, record = _score_record(run, model_key, split, only)
+) -> dict:
+    """The score record of the model named ``model_key`` on ``split`` (of task ``only``):
+    from the result store when it was scored before on the same data, else ``compute()``d
+    (per-image correctness) and stored. It holds per task the ``accuracy``, the packed
+    per-image ``correct``-ness (for paired comparisons) and the number of ``images``."""
+    key = content_key("scores/2", model_key, split, run.context.data_digest(split, only))
+    record = run.store.read_json("scores", key)
     if record is None:
         correct = compute()
         record = {
@@ -93,43 +89,51 @@ def cached_scores(
             "split": split,
         }
         run.store.write_json("scores", key, record)
-    # the record's keys are sorted; give them back in the spec's task order
-    tasks = [t for t in run.task_names if only in (None, t)]
-    return {t: record["accuracy"][t] for t in tasks}
+    return record
 
 
-def stored_correctness(
-    run: Run, model_key: str, split: str, only: str | None = None
-) -> dict[str, np.ndarray]:
-    """The per-image correctness :func:`cached_scores` stored for ``model_key``."""
-    _, record = _score_record(run, model_key, split, only)
-    if record is None:
-        raise ParameterError(f"model {model_key} has no scores on the {split} split yet")
-    tasks = [t for t in run.task_names if only in (None, t)]
-    return {t: stats.unpack(record["correct"][t], record["images"][t]) for t in tasks}
+def cached_scores(
+    run: Run,
+    model_key: str,
+    split: str,
+    compute: Callable[[], dict[str, np.ndarray]],
+    only: str | None = None,
+) -> dict[str, float]:
+    """Accuracy per task of :func:`score_record`, in the spec's task order (the record's
+    keys are sorted)."""
+    record = score_record(run, model_key, split, compute, only)
+    return {t: record["accuracy"][t] for t in run.task_names if only in (None, t)}
 
 
-def score(run: Run, candidate: Candidate, split: str) -> dict[str, float]:
-    """Per-task accuracy of ``candidate`` on ``split``, through the score store. A candidate
-    that is one model per task scores each task's own model on that task only."""
-    scores = {}
+def _candidate_records(run: Run, candidate: Candidate, split: str) -> list[dict]:
+    """``candidate``'s score records on ``split``: one, or one per task for a candidate
+    that is one model per task (each task's own model scored on that task only)."""
+    records = []
     for task in run.task_names if candidate.per_task else [None]:
 
         def compute(task=task):
             return run.context.judge(candidate.state(run, task), split, only=task)
 
-        scores.update(cached_scores(run, candidate.key(run, task), split, compute, only=task))
-    return scores
+        records.append(score_record(run, candidate.key(run, task), split, compute, only=task))
+    return records
+
+
+def score(run: Run, candidate: Candidate, split: str) -> dict[str, float]:
+    """Per-task accuracy of ``candidate`` on ``split``, through the score store."""
+    accuracy = {}
+    for record in _candidate_records(run, candidate, split):
+        accuracy.update(record["accuracy"])
+    return {t: accuracy[t] for t in run.task_names}
 
 
 def correctness(run: Run, candidate: Candidate, split: str) -> dict[str, np.ndarray]:
-    """Per-task, per-image correctness of ``candidate`` on ``split`` (scored first if the
-    store lacks it)."""
-    score(run, candidate, split)
+    """Per-task, per-image correctness of ``candidate`` on ``split``, through the score
+    store."""
     correct = {}
-    for task in run.task_names if candidate.per_task else [None]:
-        correct.update(stored_correctness(run, candidate.key(run, task), split, only=task))
-    return correct
+    for record in _candidate_records(run, candidate, split):
+        for t, packed in record["correct"].items():
+            correct[t] = stats.unpack(packed, record["images"][t])
+    return {t: correct[t] for t in run.task_names}
 
 
 def choose(
@@ -145,7 +149,7 @@ def choose(
         if not p.candidate.per_task
     }
     average = FixedMethod(name="average", params={}, label="weight averaging")
-    correct.setdefault(average.label, correctness(run, average, SELECTION))
+    correct[average.label] = correctness(run, average, SELECTION)
     weights = {t: 1 / a for t, a in finetuned.items()} if all(finetuned.values()) else None
     return selection.select(points, selection.Evidence(correct, weights, average.label))
 

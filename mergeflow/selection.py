@@ -72,7 +72,7 @@ class Evidence:
     averaging among them, if it is there."""
 
     correct: Mapping[str, Mapping[str, np.ndarray]]
-    weights: Mapping[str, float]
+    weights: Mapping[str, float] | None  # None: plain accuracy (no fine-tuned scores)
     average: str | None = None
 
 
@@ -118,8 +118,8 @@ class Selection:
         return f"{label}: {versus.difference.describe()} over {versus.other}, {verdict}"
 
     def warnings(self) -> list[str]:
-        """What a user should check: a winner no better than its runner-up or than weight
-        averaging, and chosen points on an edge of their grid."""
+        """What a user should check: a winner not shown better than weight averaging, and
+        the winner's point on an edge of its grid."""
         notes = []
         average = self.versus_average
         if average is not None and not (

@@ -66,12 +66,11 @@ def default_artifact_root(cache: CheckpointCache) -> str:
 def use_defaults(cache_dir: str | None = None) -> Stores:
     """Set ``MLFLOW_TRACKING_URI`` and ``MERGEFLOW_ARTIFACT_ROOT`` to their defaults (see
     the module's table) where unset; the stores a run will use."""
-    cache = CheckpointCache(cache_dir)
-    tracking = os.environ.get(TRACKING_VARIABLE) or default_tracking_uri(cache)
-    os.environ[TRACKING_VARIABLE] = tracking
-    if not os.environ.get(ARTIFACT_VARIABLE) and is_local_tracking(tracking):
-        os.environ[ARTIFACT_VARIABLE] = default_artifact_root(cache)
-    return current(cache_dir)
+    where = current(cache_dir)
+    os.environ[TRACKING_VARIABLE] = where.tracking_uri
+    if is_local_tracking(where.tracking_uri):
+        os.environ[ARTIFACT_VARIABLE] = where.artifact_root
+    return where
 
 
 def current(cache_dir: str | None = None) -> Stores:
