@@ -12,7 +12,7 @@ export AWS_EC2_METADATA_DISABLED := true
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup test test-all lint format demo bench bench-memory mutation deploy lock clean
+.PHONY: setup test test-all lint format demo bench bench-memory bench-factorize mutation deploy lock clean
 
 setup: $(STAMP)
 
@@ -55,6 +55,10 @@ bench: setup
 
 bench-memory: setup
 	$(PY) bench/memory.py
+
+# the truncated SVD (float64 Gram + eigh) against a full LAPACK SVD, per shape and model
+bench-factorize: setup
+	$(PY) bench/factorize.py
 
 # mutmut over the core's scope (bench/mutation.py) against its fast tests; prints the share
 # of mutants caught per module, the equivalent survivors' reasons and any other survivor's

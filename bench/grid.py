@@ -8,7 +8,8 @@ fine-tuned copies written as safetensors, prints wall time and peak RSS for
   (c) the naive way, a fresh CART merge (all its SVDs) per point, timed on 3 points,
 
 and the ratios b/a and (c per point x 20)/b. Each phase runs in its own process so its peak
-RSS is its own. Usage: ``python bench/grid.py [--tasks 8] [--workdir DIR]``.
+RSS is its own; with ``--device cuda`` the merges run there and the peak GPU memory is printed
+too. Usage: ``python bench/grid.py [--tasks 8] [--workdir DIR] [--device cpu|cuda]``.
 """
 
 from __future__ import annotations
@@ -72,7 +73,16 @@ def prepare(workdir: Path, tasks: int) -> list[Path]:
     return paths
 
 
-def run_phase(phase: str, paths: list[str]) -> dict:
+def peak_gpu_mib() -> float | None:
+    """torch's peak CUDA allocation in this process, or None without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.max_memory_allocated() / 2**20
+
+
+def run_phase(phase: str, paths: list[str], device: str = "cpu") -> dict:
     from mergeflow.cart_grid import CartFactors
     from mergeflow.checkpoints import open_checkpoint
     from mergeflow.merge import merge_readers
@@ -81,19 +91,19 @@ def run_phase(phase: str, paths: list[str]) -> dict:
     rss_before = _rss_mib("VmRSS")
     started = time.perf_counter()
     if phase == "one":
-        merge_readers("cart", readers, params={"rank_ratio": 0.12, "scale": 1.0}, device="cpu")
+        merge_readers("cart", readers, params={"rank_ratio": 0.12, "scale": 1.0}, device=device)
         points = 1
     elif phase == "grid":
-        factors = CartFactors.factorize(readers, max_rank_ratio=max(RANKS), device="cpu")
+        factors = CartFactors.factorize(readers, max_rank_ratio=max(RANKS), device=device)
         factorized = time.perf_counter() - started
         for rank_ratio in RANKS:
             for scale in SCALES:
-                factors.merge(rank_ratio, scale, device="cpu")
+                factors.merge(rank_ratio, scale, device=device)
         points = len(RANKS) * len(SCALES)
     elif phase == "naive":
         for rank_ratio, scale in NAIVE_POINTS:
             merge_readers(
-                "cart", readers, params={"rank_ratio": rank_ratio, "scale": scale}, device="cpu"
+                "cart", readers, params={"rank_ratio": rank_ratio, "scale": scale}, device=device
             )
         points = len(NAIVE_POINTS)
     else:
@@ -105,10 +115,14 @@ def run_phase(phase: str, paths: list[str]) -> dict:
         "points": points,
         "peak_rss_mib": _rss_mib("VmHWM"),
         "rss_before_mib": rss_before,
+        "peak_gpu_mib": peak_gpu_mib(),
     }
     if phase == "grid":
         result["factorize_seconds"] = factorized
-        result["factor_mib"] = factors.num_bytes() / 2**20
+        from mergeflow.svd import factors_bytes
+
+        average_bytes = sum(v.numel() * v.element_size() for v in factors.average.values())
+        result["factor_mib"] = (factors_bytes(factors.factors) + average_bytes) / 2**20
     return result
 
 
@@ -116,11 +130,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=8)
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--phase", help=argparse.SUPPRESS)
     parser.add_argument("paths", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.phase:
-        print(json.dumps(run_phase(args.phase, args.paths)))
+        print(json.dumps(run_phase(args.phase, args.paths, args.device)))
         return
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="mergeflow-bench-"))
@@ -137,7 +152,7 @@ def main() -> None:
     results = {}
     for phase in ("one", "grid", "naive"):
         out = subprocess.run(
-            [sys.executable, __file__, "--phase", phase, *map(str, paths)],
+            [sys.executable, __file__, "--device", args.device, "--phase", phase, *map(str, paths)],
             capture_output=True,
             text=True,
             check=True,
@@ -161,6 +176,11 @@ def main() -> None:
         f"{'(c) naive, per point (3 timed)':38s} {naive_per_point:9.1f} "
         f"{naive['peak_rss_mib']:13.0f} {naive['rss_before_mib']:13.0f}"
     )
+    if grid["peak_gpu_mib"] is not None:
+        print(
+            "peak GPU memory MiB (torch allocations): "
+            + ", ".join(f"{p} {results[p]['peak_gpu_mib']:.0f}" for p in ("one", "grid", "naive"))
+        )
     print(
         f"factors held: {grid['factor_mib']:.0f} MiB (max rank ratio {max(RANKS)}, T={args.tasks})"
     )

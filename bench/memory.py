@@ -7,7 +7,9 @@ so peak memory should be the output plus a few tensors per task: going from T = 
 should add less than one checkpoint's size. TIES is measured too: its model-wide trim
 threshold takes two extra streaming passes, not a flattened model.
 
-Usage: ``python bench/memory.py [--workdir DIR] [--methods cart,ties] [--tasks 2,4,8,16]``.
+With ``--device cuda`` the merges run there and the peak GPU memory is printed too.
+Usage: ``python bench/memory.py [--workdir DIR] [--methods cart,ties] [--tasks 2,4,8,16]
+[--device cpu|cuda]``.
 """
 
 from __future__ import annotations
@@ -20,22 +22,23 @@ import tempfile
 import time
 from pathlib import Path
 
-from grid import _rss_mib, machine_line, prepare
+from grid import _rss_mib, machine_line, peak_gpu_mib, prepare
 
 PARAMS = {"cart": {"rank_ratio": 0.12, "scale": 1.0}, "ties": {"density": 0.2, "scale": 1.0}}
 
 
-def run_child(method: str, base: str, paths: list[str], out: str) -> dict:
+def run_child(method: str, base: str, paths: list[str], out: str, device: str = "cpu") -> dict:
     from mergeflow.merge import merge_files
 
     rss_start = _rss_mib("VmRSS")
     started = time.perf_counter()
     uses_base = method != "cart"
-    merge_files(method, base if uses_base else None, paths, PARAMS[method], out, device="cpu")
+    merge_files(method, base if uses_base else None, paths, PARAMS[method], out, device=device)
     return {
         "seconds": time.perf_counter() - started,
         "peak_rss_mib": _rss_mib("VmHWM"),
         "rss_start_mib": rss_start,
+        "peak_gpu_mib": peak_gpu_mib(),
     }
 
 
@@ -44,12 +47,13 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--methods", default="cart,ties")
     parser.add_argument("--tasks", default="2,4,8,16")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("paths", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         base, out, *paths = args.paths
-        print(json.dumps(run_child(args.child, base, paths, out)))
+        print(json.dumps(run_child(args.child, base, paths, out, args.device)))
         return
 
     counts = [int(t) for t in args.tasks.split(",")]
@@ -73,6 +77,8 @@ def main() -> None:
             command = [
                 sys.executable,
                 __file__,
+                "--device",
+                args.device,
                 "--child",
                 method,
                 str(workdir / "base.safetensors"),
@@ -87,7 +93,8 @@ def main() -> None:
             peaks[count] = r["peak_rss_mib"]
             print(
                 f"{method:7s} {count:3d} {count * checkpoint_mib:14.0f} {r['peak_rss_mib']:13.0f} "
-                f"{r['rss_start_mib']:13.0f} {r['seconds']:8.1f}",
+                f"{r['rss_start_mib']:13.0f} {r['seconds']:8.1f}"
+                + ("" if r["peak_gpu_mib"] is None else f"  GPU peak {r['peak_gpu_mib']:.0f} MiB"),
                 flush=True,
             )
         growth = peaks[max(counts)] - peaks[min(counts)]

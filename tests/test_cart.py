@@ -26,6 +26,17 @@ def cart(states, **params):
     return merge_readers("cart", readers(states), params=params, device="cpu")
 
 
+def assert_same_merge(got, expected):
+    """Equal merges up to float32 SVD's resolution, per tensor. A grid factorized to a high
+    rank gets LAPACK's float32 SVD and a direct merge at a low rank the float64 Gram route
+    (svd.truncated_svd); where two singular values nearly tie at the cut they differ by
+    what float32 SVD resolves (measured 4e-6 relative here)."""
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        error = (got[key].double() - value.double()).norm()
+        assert error <= 1e-5 * value.double().norm(), key
+
+
 def reference_cart(states, rank_ratio, scale, selected):
     """CART written out from the paper with an independent SVD per task vector."""
     out = {}
@@ -115,9 +126,7 @@ def test_grid_point_equals_a_direct_merge(family):
     for rank_ratio, scale in [(0.5, 1.0), (0.25, 0.3), (0.1, 1.5)]:
         from_grid = factors.merge(rank_ratio, scale, device="cpu")
         direct = cart(tuned, rank_ratio=rank_ratio, scale=scale)
-        assert from_grid.keys() == direct.keys()
-        for key in direct:
-            torch.testing.assert_close(from_grid[key], direct[key], rtol=1e-6, atol=1e-7)
+        assert_same_merge(from_grid, direct)
 
 
 def test_grid_does_not_run_another_svd(family, monkeypatch):
@@ -156,13 +165,9 @@ def test_grid_defaults_are_full_factorization_and_cart_s_own_point(family):
     averaged = mean(tuned)
     for key, value in factors.merge(1.0, device="cpu").items():
         torch.testing.assert_close(value, averaged[key], atol=2e-5, rtol=0, msg=key)
-    defaults = factors.merge()
-    for key, value in cart(tuned).items():  # CART's own defaults: rank 0.12, λ 1
-        torch.testing.assert_close(defaults[key], value, atol=1e-6, rtol=0, msg=key)
+    assert_same_merge(factors.merge(), cart(tuned))  # CART's own defaults: rank 0.12, λ 1
     assert factors.params(0.1).scale == 1.0
-    scaled = factors.merge(0.2, 1.7, device="cpu")
-    for key, value in cart(tuned, rank_ratio=0.2, scale=1.7).items():
-        torch.testing.assert_close(scaled[key], value, atol=1e-6, rtol=0, msg=key)
+    assert_same_merge(factors.merge(0.2, 1.7, device="cpu"), cart(tuned, rank_ratio=0.2, scale=1.7))
 
 
 def test_grid_names_the_fine_tuned_model_at_fault():

@@ -5,12 +5,16 @@ import torch
 
 from mergeflow import ParameterError
 from mergeflow.svd import (
+    GRAM_MAX_SHARE,
     Factors,
     energy_rank,
     factors_bytes,
+    lapack_svd,
     low_rank_sum,
+    rank_for,
     resolve_device,
     truncated_svd,
+    truncated_svds,
 )
 
 
@@ -70,3 +74,82 @@ def test_devices_resolve_to_cpu_here_and_others_are_refused():
         resolve_device("meta")
     with pytest.raises(ParameterError, match=r"^unknown device 'tpu' \(use auto, cpu, cuda"):
         resolve_device("tpu")
+
+
+def _with_spectrum(m, n, kind, seed=0):
+    """An (m, n) float32 matrix with a chosen singular spectrum: ``steep`` (s_i = 1/i),
+    ``flat`` (Gaussian entries: neighbouring singular values nearly tie everywhere) or
+    ``spiked`` (8 large directions over noise 1e-4 as large, below float32 Gram's
+    resolution: what a route through a float32 BᵀB gets wrong)."""
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "flat":
+        return torch.randn(m, n, generator=gen)
+    r = min(m, n)
+    u = torch.linalg.qr(torch.randn(m, r, generator=gen, dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(n, r, generator=gen, dtype=torch.float64))[0]
+    i = torch.arange(1, r + 1, dtype=torch.float64)
+    if kind == "steep":
+        s = 1 / i
+    else:
+        s = torch.where(i <= 8, 1.0, 1e-4) * (1 + 0.1 * torch.rand(r, generator=gen))
+    return ((u * s) @ v.T).float()
+
+
+@pytest.mark.parametrize("shape", [(192, 64), (64, 192), (96, 96)])
+@pytest.mark.parametrize("kind", ["steep", "flat", "spiked"])
+def test_fast_factorization_matches_the_full_svd_on_the_merged_weights(shape, kind, monkeypatch):
+    """Every rank up to the Gram route's limit: merged weights θ_avg + Σ_k within 1e-5
+    (relative, per tensor) of the full-SVD result, with θ_avg 20× the task vector's norm
+    (fine-tuning moves weights by a few percent); the low-rank part itself within 1e-5 of
+    the float64 truth; factors orthonormal; and no LAPACK SVD was run."""
+    tau = _with_spectrum(*shape, kind)
+    average = _matrix(*shape, seed=9)
+    average *= 20 * tau.norm() / average.norm()
+    u64, s64, vh64 = torch.linalg.svd(tau.double(), full_matrices=False)
+    ranks = sorted({rank_for(shape, r) for r in (0.02, 0.08, 0.16, GRAM_MAX_SHARE)})
+    references = {k: low_rank_sum([lapack_svd(tau, k)], k).double() for k in ranks}
+
+    def no_lapack(*args, **kwargs):
+        raise AssertionError("the fast route ran a full SVD")
+
+    monkeypatch.setattr(torch.linalg, "svd", no_lapack)
+    for k in ranks:
+        factors = truncated_svd(tau, k)
+        fast = low_rank_sum([factors], k).double()
+        merged, reference = average.double() + fast, average.double() + references[k]
+        assert (merged - reference).norm() <= 1e-5 * reference.norm(), k
+        truth = (u64[:, :k] * s64[:k]) @ vh64[:k]
+        assert (fast - truth).norm() <= 1e-5 * truth.norm(), k
+        torch.testing.assert_close(factors.s.double(), s64[:k], rtol=1e-5, atol=0)
+        torch.testing.assert_close(factors.u.T @ factors.u, torch.eye(k), atol=1e-5, rtol=0)
+        torch.testing.assert_close(factors.vh @ factors.vh.T, torch.eye(k), atol=1e-5, rtol=0)
+
+
+def test_a_matrix_of_lower_rank_than_k_is_factorized_by_lapack(monkeypatch):
+    """Rank 2, asked for 5: the Gram route's 3 extra left vectors would be noise, so LAPACK
+    gives orthonormal ones; a zero matrix too."""
+    gen = torch.Generator().manual_seed(3)
+    low = torch.randn(64, 2, generator=gen) @ torch.randn(2, 48, generator=gen)
+    calls = []
+    full_svd = torch.linalg.svd
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape)
+        return full_svd(*args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "svd", counted)
+    for matrix in (low, torch.zeros(64, 48)):
+        factors = truncated_svd(matrix, 5)
+        torch.testing.assert_close(factors.u.T @ factors.u, torch.eye(5), atol=1e-5, rtol=0)
+        torch.testing.assert_close(low_rank_sum([factors], 5), matrix, atol=1e-4, rtol=0)
+    assert len(calls) == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_keys_matrices_are_factorized_as_one_batch_on_cuda():
+    matrices = [_with_spectrum(96, 64, "steep", seed=t) for t in range(4)]
+    on_gpu = truncated_svds([m.cuda() for m in matrices], 10)
+    for matrix, factors in zip(matrices, on_gpu, strict=True):
+        expected = low_rank_sum([truncated_svd(matrix, 10)], 10)
+        got = low_rank_sum([factors], 10).cpu()
+        assert (got - expected).norm() <= 1e-5 * expected.norm()

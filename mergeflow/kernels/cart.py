@@ -21,7 +21,7 @@ import torch
 
 from mergeflow.kernels import DEFAULT_RANK_RATIO
 from mergeflow.statedict import mean_of
-from mergeflow.svd import Factors, energy_rank, rank_for, truncated_svd
+from mergeflow.svd import Factors, energy_rank, rank_for, truncated_svd, truncated_svds
 
 __all__ = [
     "DEFAULT_RANK_RATIO",
@@ -55,8 +55,13 @@ def factorize_centered(
     """θ_avg and the rank-``k`` factors of every τ̄_t of one (m, n) matrix, with each
     ‖τ̄_t‖²_F (what the energy rule measures against). One centered vector is alive at a
     time: only its kept factors outlive its SVD, so memory does not grow with T beyond the
-    T input tensors. ``average`` may be given when the caller holds it already."""
+    T input tensors. ``average`` may be given when the caller holds it already. On CUDA the
+    T centered vectors are factorized as one batch instead (memory is not the limit there)."""
     average = mean_of(finetuned) if average is None else average
+    if average.device.type == "cuda":
+        taus = [theta - average for theta in finetuned]
+        norms2 = torch.stack([tau.square().sum() for tau in taus])
+        return CenteredFactors(average, truncated_svds(taus, k), norms2)
     factors, norms2 = [], []
     for theta in finetuned:
         tau = theta - average

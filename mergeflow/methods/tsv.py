@@ -24,7 +24,7 @@ from pydantic import Field
 from mergeflow.methods.base import MergeMethod
 from mergeflow.methods.cart import AllMatrices
 from mergeflow.methods.task_vectors import TaskVectorParams, merge_matrices, uses_base
-from mergeflow.svd import orthogonalize, truncated_svd
+from mergeflow.svd import orthogonalize, truncated_svds
 
 
 class TsvParams(TaskVectorParams, AllMatrices):
@@ -36,7 +36,7 @@ def merge_task_singular_vectors(task_vectors: Sequence[torch.Tensor]) -> torch.T
     k = int(min(task_vectors[0].shape) / len(task_vectors))
     if k == 0:
         return torch.zeros_like(task_vectors[0])
-    factors = [truncated_svd(tau, k) for tau in task_vectors]
+    factors = truncated_svds(task_vectors, k)
     u = orthogonalize(torch.cat([f.u for f in factors], dim=1))
     vh = orthogonalize(torch.cat([f.vh for f in factors], dim=0))
     s = torch.cat([f.s for f in factors])
