@@ -165,6 +165,20 @@ def test_ties_equals_the_algorithm_over_the_flattened_model(models, density, agg
     assert_states_close(merged, expected, atol=1e-6)
 
 
+@pytest.mark.parametrize("density", [0.2, 0.5])
+def test_ties_with_trim_tensor_is_the_algorithm_over_each_tensor_alone(models, density):
+    base, finetuned = models
+    merged = merge("ties", base, finetuned, density=density, scale=0.7, trim="tensor")
+    for key in base:
+        alone = _ties_over_the_flattened_model(
+            {key: base[key]}, [{key: m[key]} for m in finetuned], density, "mean", 0.7
+        )
+        torch.testing.assert_close(merged[key], alone[key], atol=1e-6, rtol=0, msg=key)
+    # and the model-wide trim is another merge
+    model_wide = merge("ties", base, finetuned, density=density, scale=0.7)
+    assert any(not torch.allclose(merged[k], model_wide[k]) for k in base)
+
+
 # --- DARE -----------------------------------------------------------------------------
 
 

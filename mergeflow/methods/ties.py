@@ -3,9 +3,10 @@
 Yadav et al., "TIES-Merging: Resolving Interference When Merging Models", NeurIPS 2023.
 
 Each task vector keeps its top ``density`` fraction of entries by magnitude, counted over the
-whole model as in the paper (not per tensor); a sign is elected per entry by summed mass; the
-entries that agree with it are averaged (``aggregate: mean``, the paper's disjoint mean) or
-summed; θ = origin + λ · result.
+whole model as in the paper (``trim: model``) or within each tensor (``trim: tensor``, as
+mergekit does); a sign is elected per entry by summed mass; the entries that agree with it
+are averaged (``aggregate: mean``, the paper's disjoint mean) or summed;
+θ = origin + λ · result.
 """
 
 from __future__ import annotations
@@ -35,10 +36,28 @@ class TiesParams(TaskVectorParams):
     aggregate: Literal["mean", "sum"] = Field(
         "mean", description="disjoint mean (the paper) or sum of the agreeing entries"
     )
+    trim: Literal["model", "tensor"] = Field(
+        "model",
+        description="where density is counted: over the whole model (the paper) or within "
+        "each tensor (mergekit; no extra pass over the model)",
+    )
 
 
 def prepare(sweep: Sweep, params: TiesParams) -> list[float] | None:
+    if params.trim == "tensor":
+        return None  # each tensor's own thresholds, in merge_tensor
     return trim_thresholds(sweep, params.density, params.center)
+
+
+def tensor_thresholds(task_vectors: Sequence[torch.Tensor], density: float) -> list[float] | None:
+    """Per task, the magnitude that keeps the top ``density`` of this tensor's entries: the
+    k-th smallest |τ_t| with k = d − int(d · density), that entry kept (the model-wide
+    rule of :func:`trim_thresholds`, applied to one tensor). None at density 1."""
+    if density >= 1:
+        return None
+    d = task_vectors[0].numel()
+    k = d - int(d * density)
+    return [float(tau.abs().flatten().kthvalue(k).values) for tau in task_vectors]
 
 
 def merge_tensor(
@@ -49,6 +68,8 @@ def merge_tensor(
     thresholds: list[float] | None,
 ) -> torch.Tensor:
     origin, task_vectors = origin_and_vectors(finetuned, base, params.center)
+    if params.trim == "tensor":
+        thresholds = tensor_thresholds(task_vectors, params.density)
     trimmed = magnitude_trim(task_vectors, thresholds)
     return origin + params.scale * elect_and_merge(trimmed, params.aggregate)
 
