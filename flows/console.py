@@ -63,12 +63,17 @@ def quiet_servers() -> None:
     """When no Prefect API is configured (a run on the ephemeral API that Prefect starts
     for it), give that server :data:`EPHEMERAL_SERVER_SETTINGS` where the environment
     does not set them. A configured API (a real server) is left alone."""
+    from prefect.context import refresh_global_settings_context
     from prefect.settings import get_current_settings
 
     if get_current_settings().api.url:
         return
     for name, value in EPHEMERAL_SERVER_SETTINGS.items():
         os.environ.setdefault(name, value)
+    # The server process reads the environment, but this process waits for it with the
+    # settings Prefect read when it was imported: without a refresh that wait stays at 20 s
+    # and a slow start fails ("Timed out while attempting to connect").
+    refresh_global_settings_context()
 
 
 def quiet_console() -> None:

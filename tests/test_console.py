@@ -115,15 +115,18 @@ hello()
 servers = [s for s in SubprocessASGIServer._instances.values() if s.running]
 import httpx
 settings = httpx.get(servers[0].api_url + "/admin/settings", timeout=30).json()
+from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as WAIT
 print(json.dumps({"analytics": settings["server"]["analytics_enabled"],
-                  "timeout": settings["server"]["ephemeral"]["startup_timeout_seconds"]}))
+                  "timeout": settings["server"]["ephemeral"]["startup_timeout_seconds"],
+                  "client_wait": WAIT.value()}))
 """
 
 
 def test_an_ephemeral_server_that_mergeflow_starts_runs_no_analytics(tmp_path):
     """A flow run with no Prefect API configured (as ``mergeflow run`` and ``make demo``
     do it): the ephemeral server Prefect starts for it reports analytics (its telemetry
-    service) off and the raised startup timeout, read from its own settings endpoint."""
+    service) off and the raised startup timeout, read from its own settings endpoint, and
+    the process that started it waits that long too."""
     import json
     import os
     import subprocess
@@ -144,5 +147,6 @@ def test_an_ephemeral_server_that_mergeflow_starts_runs_no_analytics(tmp_path):
     )
     assert ran.returncode == 0, ran.stderr[-3000:]
     found = json.loads(ran.stdout.strip().splitlines()[-1])
-    assert found == {"analytics": False, "timeout": 180}
+    # the server's own settings, and how long this process waits for it to start
+    assert found == {"analytics": False, "timeout": 180, "client_wait": 180}
     assert "Traceback" not in ran.stderr and "telemetry" not in ran.stderr.lower()

@@ -125,7 +125,7 @@ def test_fast_factorization_matches_the_full_svd_on_the_merged_weights(shape, ki
         torch.testing.assert_close(factors.vh @ factors.vh.T, torch.eye(k), atol=1e-5, rtol=0)
 
 
-def test_a_matrix_of_lower_rank_than_k_is_factorized_by_lapack(monkeypatch):
+def test_lapack_serves_matrices_of_rank_below_k_and_ranks_above_the_gram_share(monkeypatch):
     """Rank 2, asked for 5: the Gram route's 3 extra left vectors would be noise, so LAPACK
     gives orthonormal ones; a zero matrix too."""
     gen = torch.Generator().manual_seed(3)
@@ -143,6 +143,9 @@ def test_a_matrix_of_lower_rank_than_k_is_factorized_by_lapack(monkeypatch):
         torch.testing.assert_close(factors.u.T @ factors.u, torch.eye(5), atol=1e-5, rtol=0)
         torch.testing.assert_close(low_rank_sum([factors], 5), matrix, atol=1e-4, rtol=0)
     assert len(calls) == 2
+    # and a rank above the Gram route's share goes to LAPACK too
+    truncated_svd(_matrix(64, 48), int(GRAM_MAX_SHARE * 48) + 1)
+    assert len(calls) == 3
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
