@@ -112,27 +112,23 @@ def truncated_svds(matrices: Sequence[torch.Tensor], k: int) -> list[Factors]:
         return []
     if matrices[0].device.type != "cuda":
         return [truncated_svd(matrix, k) for matrix in matrices]
-    stacked = torch.stack(list(matrices))
-    tall = stacked.shape[1] >= stacked.shape[2]
-    u, s, vh = torch.linalg.svd(stacked if tall else stacked.transpose(1, 2), full_matrices=False)
-    if not tall:
-        u, vh = vh.transpose(1, 2), u.transpose(1, 2)
-    return [
-        Factors(u[t, :, :k].contiguous(), s[t, :k].contiguous(), vh[t, :k].contiguous())
-        for t in range(len(matrices))
-    ]
+    batch = lapack_svd(torch.stack(list(matrices)), k)
+    return [Factors(u, s, vh) for u, s, vh in zip(batch.u, batch.s, batch.vh, strict=True)]
 
 
 def lapack_svd(matrix: torch.Tensor, k: int) -> Factors:
-    """Top-``k`` triplets from a full thin ``torch.linalg.svd`` (the reference the fast
-    route is checked against)."""
-    m, n = matrix.shape
+    """Top-``k`` triplets from a full thin ``torch.linalg.svd`` of ``matrix`` (m, n), or of
+    a batch (T, m, n) at once (then each factor has the leading T); the reference the fast
+    route is checked against."""
+    m, n = matrix.shape[-2:]
     if m < n:
         # LAPACK is about twice as fast on tall matrices; A = U S Vh  <=>  Aᵀ = V S Uᵀ
-        v, s, uh = torch.linalg.svd(matrix.T, full_matrices=False)
-        return Factors(uh[:k].T.contiguous(), s[:k].contiguous(), v[:, :k].T.contiguous())
+        v, s, uh = torch.linalg.svd(matrix.mT, full_matrices=False)
+        return Factors(
+            uh[..., :k, :].mT.contiguous(), s[..., :k].contiguous(), v[..., :k].mT.contiguous()
+        )
     u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-    return Factors(u[:, :k].contiguous(), s[:k].contiguous(), vh[:k].contiguous())
+    return Factors(u[..., :k].contiguous(), s[..., :k].contiguous(), vh[..., :k, :].contiguous())
 
 
 def _gram_svd(matrix: torch.Tensor, k: int) -> Factors | None:

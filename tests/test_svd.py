@@ -148,6 +148,25 @@ def test_lapack_serves_matrices_of_rank_below_k_and_ranks_above_the_gram_share(m
     assert len(calls) == 3
 
 
+@pytest.mark.parametrize("shape", [(40, 24), (24, 40)])
+def test_lapack_svd_of_a_batch_is_each_matrix_s(shape):
+    """What truncated_svds runs on CUDA, checked here on CPU: a (T, m, n) stack in one call
+    gives each matrix's own top-k triplets, tall and wide alike."""
+    matrices = [_with_spectrum(*shape, "steep", seed=t) for t in range(3)]
+    batch = lapack_svd(torch.stack(matrices), 5)
+    assert (batch.u.shape, batch.s.shape, batch.vh.shape) == (
+        (3, shape[0], 5),
+        (3, 5),
+        (3, 5, shape[1]),
+    )
+    for t, matrix in enumerate(matrices):
+        one = lapack_svd(matrix, 5)
+        torch.testing.assert_close(batch.s[t], one.s, atol=1e-6, rtol=0)
+        torch.testing.assert_close(
+            (batch.u[t] * batch.s[t]) @ batch.vh[t], low_rank_sum([one], 5), atol=1e-5, rtol=0
+        )
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_a_keys_matrices_are_factorized_as_one_batch_on_cuda():
     matrices = [_with_spectrum(96, 64, "steep", seed=t) for t in range(4)]

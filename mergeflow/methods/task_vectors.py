@@ -151,6 +151,22 @@ def trim_thresholds(
             yield [tau.abs() for tau in taus]
 
     def rank(count: int) -> list[int]:
-        return [max(0, count - int(count * density) - 1)]
+        return [threshold_rank(count, density)]
 
     return [values[0] for values in per_task_order_statistics(magnitudes, rank)]
+
+
+def threshold_rank(count: int, density: float) -> int:
+    """Where the trim threshold sits among ``count`` magnitudes in ascending order
+    (0-based): k − 1 with k = count − int(count · density), so that entry and every larger
+    one are kept, as in TIES' reference code."""
+    return max(0, count - int(count * density) - 1)
+
+
+def tensor_thresholds(task_vectors: Sequence[torch.Tensor], density: float) -> list[float] | None:
+    """:func:`trim_thresholds`' rule within one tensor: per task, the magnitude that keeps
+    the top ``density`` of this tensor's entries. None at density 1 (keep all)."""
+    if density >= 1:
+        return None
+    k = threshold_rank(task_vectors[0].numel(), density) + 1  # kthvalue counts from 1
+    return [float(tau.abs().flatten().kthvalue(k).values) for tau in task_vectors]

@@ -23,6 +23,7 @@ from mergeflow.methods.task_vectors import (
     elect_and_merge,
     magnitude_trim,
     origin_and_vectors,
+    tensor_thresholds,
     trim_thresholds,
     uses_base,
 )
@@ -47,17 +48,6 @@ def prepare(sweep: Sweep, params: TiesParams) -> list[float] | None:
     if params.trim == "tensor":
         return None  # each tensor's own thresholds, in merge_tensor
     return trim_thresholds(sweep, params.density, params.center)
-
-
-def tensor_thresholds(task_vectors: Sequence[torch.Tensor], density: float) -> list[float] | None:
-    """Per task, the magnitude that keeps the top ``density`` of this tensor's entries: the
-    k-th smallest |τ_t| with k = d − int(d · density), that entry kept (the model-wide
-    rule of :func:`trim_thresholds`, applied to one tensor). None at density 1."""
-    if density >= 1:
-        return None
-    d = task_vectors[0].numel()
-    k = d - int(d * density)
-    return [float(tau.abs().flatten().kthvalue(k).values) for tau in task_vectors]
 
 
 def merge_tensor(
