@@ -80,6 +80,12 @@ class CheckpointReader(ABC):
     def get(self, key: str) -> torch.Tensor:
         """The tensor stored under ``key``, on the CPU."""
 
+    def get_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of ``key`` along its first dimension (a 0-d tensor whole):
+        readers that can read part of a tensor override this to read only those rows."""
+        tensor = self.get(key)
+        return tensor[start:stop] if tensor.dim() else tensor
+
     def keys(self) -> list[str]:
         return list(self.layout())
 
@@ -197,6 +203,21 @@ class SafetensorsReader(CheckpointReader):
             raise self._missing(key)
         shape, dtype = self._layout[key]
         offset, size = self._spans[key]
+        return self._read(key, offset, size).view(dtype).reshape(shape)
+
+    def get_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        if key not in self._layout:
+            raise self._missing(key)
+        shape, dtype = self._layout[key]
+        if not shape:
+            return self.get(key)
+        stop = min(stop, shape[0])
+        offset, size = self._spans[key]
+        row = size // shape[0] if shape[0] else 0
+        rows = self._read(key, offset + start * row, (stop - start) * row)
+        return rows.view(dtype).reshape(stop - start, *shape[1:])
+
+    def _read(self, key: str, offset: int, size: int) -> torch.Tensor:
         buffer = torch.empty(size, dtype=torch.uint8)
         view = memoryview(buffer.numpy())
         done = 0
@@ -205,7 +226,7 @@ class SafetensorsReader(CheckpointReader):
             if n == 0:
                 raise CheckpointError(f"{self.name}: file ended while reading tensor {key!r}")
             done += n
-        return buffer.view(dtype).reshape(shape)
+        return buffer
 
     def close(self) -> None:
         if getattr(self, "_fd", None) is not None:
@@ -261,6 +282,11 @@ class ShardedReader(CheckpointReader):
             raise self._missing(key)
         return self._shard_of[key].get(key)
 
+    def get_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        if key not in self._shard_of:
+            raise self._missing(key)
+        return self._shard_of[key].get_rows(key, start, stop)
+
     def close(self) -> None:
         for shard in self._shards.values():
             shard.close()
@@ -285,6 +311,11 @@ class RenamedReader(CheckpointReader):
         if key not in self._names:
             raise self._missing(key)
         return self.inner.get(self._names[key])
+
+    def get_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        if key not in self._names:
+            raise self._missing(key)
+        return self.inner.get_rows(self._names[key], start, stop)
 
     def metadata(self) -> dict[str, str]:
         return self.inner.metadata()
@@ -522,12 +553,18 @@ def read_formatted(
 
 
 def load_for_compute(
-    reader: CheckpointReader, key: str, device: torch.device, dtype: torch.dtype
+    reader: CheckpointReader,
+    key: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    rows: tuple[int, int] | None = None,
 ) -> torch.Tensor:
-    """``key`` from ``reader`` on ``device`` in ``dtype`` (float32 for merging), refused with
-    an error naming the checkpoint and key when it holds NaN or Inf: a non-finite weight
-    would spread through every merged tensor it touches, silently."""
-    tensor = reader.get(key).to(device, dtype)
+    """``key`` (or its ``rows``, start and stop along the first dimension) from ``reader``
+    on ``device`` in ``dtype`` (float32 for merging), refused with an error naming the
+    checkpoint and key when it holds NaN or Inf: a non-finite weight would spread through
+    every merged tensor it touches, silently."""
+    stored = reader.get(key) if rows is None else reader.get_rows(key, *rows)
+    tensor = stored.to(device, dtype)
     if not bool(torch.isfinite(tensor).all()):
         bad = int((~torch.isfinite(tensor)).sum())
         raise CheckpointError(

@@ -1,15 +1,18 @@
 """Run a merge method over checkpoints, one tensor at a time.
 
-Peak memory is the merged output plus, for the key being merged, one tensor per input.
+Nothing holds the whole output: :func:`merge_files` writes each merged tensor to its file as
+it comes, so peak memory is, for the key being merged, one tensor (or one row block) per input
+and the method's temporaries.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +25,6 @@ from mergeflow.checkpoints import (
     load_for_compute,
     lora_adapters,
     open_checkpoints,
-    save_state_dict,
 )
 from mergeflow.errors import ParameterError
 from mergeflow.lora import save_lora_adapter
@@ -31,10 +33,13 @@ from mergeflow.methods import MergeMethod, MethodParams, get_method
 from mergeflow.methods.cart import LowRankSelection
 from mergeflow.outputs import (
     DEFAULT_SHARD_SIZE,
+    ModelFolder,
     Recipe,
+    StreamedOutput,
+    aligned_order,
     companion_files,
     is_folder_output,
-    save_model_folder,
+    layout_bytes,
 )
 from mergeflow.statedict import COMPUTE_DTYPE, Layout, StateDict, check_same_layout
 from mergeflow.storage import CheckpointCache
@@ -80,6 +85,11 @@ class MergeCounts:
         return ", ".join(parts)
 
 
+ROW_BLOCK_BYTES = 16 * 2**20
+"""float32 bytes of one input's row block: an element-wise method merges a larger tensor
+block by block, so a key's T + 1 inputs and the method's temporaries stay a few blocks."""
+
+
 def merge_readers(
     method: str | MergeMethod,
     finetuned: Sequence[CheckpointReader],
@@ -102,8 +112,23 @@ def merge_with_counts(
     progress: bool = False,
     out_dtype: torch.dtype | None = None,
 ) -> tuple[StateDict, MergeCounts]:
-    """Merge ``finetuned`` with ``method`` key by key: the merged state dict and how each
-    tensor was treated.
+    """The merged state dict in memory, and how each tensor was treated (see
+    :func:`start_merge`)."""
+    merge = start_merge(method, finetuned, base, params, device, progress, out_dtype)
+    return dict(merge.tensors()), merge.counts
+
+
+def start_merge(
+    method: str | MergeMethod,
+    finetuned: Sequence[CheckpointReader],
+    base: CheckpointReader | None = None,
+    params: Mapping[str, Any] | MethodParams | None = None,
+    device: str | torch.device | None = "auto",
+    progress: bool = False,
+    out_dtype: torch.dtype | None = None,
+) -> StreamedMerge:
+    """Check the inputs, run the method's statistics passes, and return the merge ready to
+    stream: its output layout first, then its tensors one key at a time.
 
     Floating tensors are merged in float32 on ``device`` and returned on the CPU in the
     inputs' dtype (or ``out_dtype``). Non-floating tensors (integer buffers) are carried from
@@ -111,76 +136,163 @@ def merge_with_counts(
     tensor that no checkpoint changed (all inputs equal: every method's fixed point), and
     every key only the base holds. Methods that need model-wide statistics first stream over
     the checkpoints (``MergeMethod.prepare``); either way no more than one key's tensors per
-    input are held besides the output. A low-rank method that selects no matrix is refused.
+    input are held (an element-wise method's large tensors: one row block's). A low-rank
+    method that selects no matrix is refused.
     """
     method = get_method(method) if isinstance(method, str) else method
     parsed = method.parse_params(params)
     if not finetuned:
         raise ParameterError("no fine-tuned checkpoints given")
-    uses_base = method.needs_base(parsed)
-    if uses_base and base is None:
+    if method.needs_base(parsed) and base is None:
         raise ParameterError(f"method {method.name!r} needs a base checkpoint")
     layout = common_layout(finetuned)
     base_only = check_base_layout(layout, base, finetuned[0].name) if base is not None else {}
-    compute_device = resolve_device(device)
-    carrier = base if base is not None else finetuned[0]
-    floating = [key for key, (_, dtype) in layout.items() if dtype.is_floating_point]
-    low_rank = isinstance(parsed, LowRankSelection)
-    if low_rank and not any(parsed.selects(k, layout[k][0]) for k in floating):
+    if isinstance(parsed, LowRankSelection) and not any(
+        parsed.selects(k, shape) for k, (shape, dtype) in layout.items() if dtype.is_floating_point
+    ):
         raise ParameterError(
             f"method {method.name!r} selects no weight matrix of {finetuned[0].name} "
             f"({parsed.describe_rule()}; architecture: {describe(layout)}): name the "
             "matrices with include=REGEX"
         )
+    merge = StreamedMerge(
+        method,
+        parsed,
+        finetuned,
+        base,
+        layout,
+        base_only,
+        resolve_device(device),
+        progress,
+        out_dtype,
+    )
+    merge.prepare()
+    return merge
 
-    def load(key: str) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-        tensors = [load_for_compute(r, key, compute_device, COMPUTE_DTYPE) for r in finetuned]
-        base_tensor = (
-            load_for_compute(base, key, compute_device, COMPUTE_DTYPE) if uses_base else None
+
+class StreamedMerge:
+    """A merge ready to run (made by :func:`start_merge`). ``layout`` is the output's key →
+    (shape, dtype), known before any tensor is merged, so a writer can plan its files;
+    :meth:`tensors` merges and yields one key at a time and fills ``counts``."""
+
+    def __init__(
+        self,
+        method: MergeMethod,
+        params: MethodParams,
+        finetuned: Sequence[CheckpointReader],
+        base: CheckpointReader | None,
+        layout: Layout,
+        base_only: Layout,
+        device: torch.device,
+        progress: bool,
+        out_dtype: torch.dtype | None,
+    ):
+        self.method, self.params = method, params
+        self._finetuned, self._base = list(finetuned), base
+        self._uses_base = method.needs_base(params)
+        self._inputs = layout
+        self._base_only = base_only
+        self._device = device
+        self._progress = progress
+        self._elementwise = method.merges_elementwise(params)
+        self._low_rank = isinstance(params, LowRankSelection)
+        self._context = None
+        self.counts = MergeCounts()
+        self.layout: Layout = {
+            key: (shape, (out_dtype or dtype) if dtype.is_floating_point else dtype)
+            for key, (shape, dtype) in layout.items()
+        }
+        self.layout.update(base_only)
+
+    def _blocks(self, key: str) -> list[tuple[int, int] | None]:
+        """Row ranges to merge ``key`` in: one (None, the whole tensor) unless the method is
+        element-wise and the tensor is larger than a block."""
+        shape, _ = self._inputs[key]
+        numel = math.prod(shape)
+        if not self._elementwise or not shape or numel * 4 <= ROW_BLOCK_BYTES:
+            return [None]
+        rows = max(1, ROW_BLOCK_BYTES // (4 * (numel // shape[0])))
+        return [(start, min(start + rows, shape[0])) for start in range(0, shape[0], rows)]
+
+    def _load(self, key: str, rows: tuple[int, int] | None):
+        tensors = [
+            load_for_compute(r, key, self._device, COMPUTE_DTYPE, rows) for r in self._finetuned
+        ]
+        base = (
+            load_for_compute(self._base, key, self._device, COMPUTE_DTYPE, rows)
+            if self._uses_base
+            else None
         )
-        return tensors, base_tensor
+        return tensors, base
 
-    passes = 0
+    def prepare(self) -> None:
+        """The method's statistics passes over the checkpoints (methods with ``prepare``)."""
+        if self.method.prepare is None:
+            return
+        floating = [k for k, (_, dtype) in self._inputs.items() if dtype.is_floating_point]
+        passes = 0
 
-    def sweep():
-        nonlocal passes
-        passes += 1
-        for key in tqdm(
-            floating, desc=f"{method.name} statistics, pass {passes}", disable=not progress
-        ):
-            yield (key, *load(key))
+        def sweep():
+            nonlocal passes
+            passes += 1
+            desc = f"{self.method.name} statistics, pass {passes}"
+            for key in tqdm(floating, desc=desc, disable=not self._progress):
+                for rows in self._blocks(key):
+                    yield (key, *self._load(key, rows))
 
-    context = method.prepare(sweep, parsed) if method.prepare is not None else None
-    if passes:
-        log.info("%s: %d statistics passes over the checkpoints", method.name, passes)
+        self._context = self.method.prepare(sweep, self.params)
+        log.info("%s: %d statistics passes over the checkpoints", self.method.name, passes)
 
-    merged: StateDict = {}
-    counts = MergeCounts()
-    keys = tqdm(layout.items(), desc=f"merge {method.name}", unit="tensor", disable=not progress)
-    for key, (shape, dtype) in keys:
+    def tensors(self, order: Sequence[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """(key, merged tensor on the CPU) for every key of ``layout``, in ``order``."""
+        keys = list(self.layout) if order is None else list(order)
+        if sorted(keys) != sorted(self.layout):
+            raise ValueError("the order must name every key of the merge's layout once")
+        bar = tqdm(
+            keys, desc=f"merge {self.method.name}", unit="tensor", disable=not self._progress
+        )
+        for key in bar:
+            yield key, self._merge_key(key)
+        log.info(
+            "%s merge of %d checkpoints: %s",
+            self.method.name,
+            len(self._finetuned),
+            self.counts.describe(),
+        )
+
+    def _merge_key(self, key: str) -> torch.Tensor:
+        carrier = self._base if self._base is not None else self._finetuned[0]
+        if key in self._base_only:
+            self.counts.from_base += 1
+            return self._base.get(key).clone()
+        shape, dtype = self._inputs[key]
         if not dtype.is_floating_point:
-            merged[key] = carrier.get(key).clone()
-            counts.copied += 1
-            continue
-        tensors, base_tensor = load(key)
-        target = out_dtype or dtype
-        if all(torch.equal(tensors[0], t) for t in tensors[1:]) and (
-            base_tensor is None or torch.equal(tensors[0], base_tensor)
-        ):
-            merged[key] = tensors[0].to(target).cpu()
-            counts.copied += 1
-            continue
-        result = method.merge_tensor(key, tensors, base_tensor, parsed, context)
-        merged[key] = result.to(target).cpu()
-        if low_rank and parsed.selects(key, shape):
-            counts.low_rank += 1
+            self.counts.copied += 1
+            return carrier.get(key).clone()
+        target = self.layout[key][1]
+        blocks = self._blocks(key)
+        out = None if blocks == [None] else torch.empty(shape, dtype=target)
+        changed = False
+        for rows in blocks:
+            tensors, base = self._load(key, rows)
+            if all(torch.equal(tensors[0], t) for t in tensors[1:]) and (
+                base is None or torch.equal(tensors[0], base)
+            ):
+                merged = tensors[0]  # no task changed these entries: every method's fixed point
+            else:
+                merged = self.method.merge_tensor(key, tensors, base, self.params, self._context)
+                changed = True
+            if out is None:
+                out = merged.to(target).cpu()
+            else:
+                out[rows[0] : rows[1]] = merged.to(target).cpu()
+        if not changed:
+            self.counts.copied += 1
+        elif self._low_rank and self.params.selects(key, shape):
+            self.counts.low_rank += 1
         else:
-            counts.element_wise += 1
-    for key in base_only:
-        merged[key] = base.get(key).clone()
-        counts.from_base += 1
-    log.info("%s merge of %d checkpoints: %s", method.name, len(finetuned), counts.describe())
-    return merged, counts
+            self.counts.element_wise += 1
+        return out
 
 
 @dataclass(frozen=True)
@@ -234,7 +346,7 @@ def merge_files(
                 "--out-format lora writes the merged delta of LoRA adapters: every "
                 "--finetuned input must be a PEFT adapter"
             )
-        merged, counts = merge_with_counts(
+        merge = start_merge(
             merge_method,
             readers,
             base_reader,
@@ -252,6 +364,7 @@ def merge_files(
             [(r.source.uri, r.source.digest(cache)) for r in readers if r.source is not None],
         )
         if out_format == "lora":
+            merged = dict(merge.tensors())  # the delta's factors need every tensor at once
             recipe = dataclasses.replace(recipe, library="peft")
             kept = save_lora_adapter(merged, base_reader, adapters, rank, str(out), recipe.card())
             worst, share = next(iter(kept.items()))
@@ -261,10 +374,10 @@ def merge_files(
                 "adapter_config.json",
                 "README.md",
             )
-        elif is_folder_output(out):
-            files = tuple(
-                write_model_folder(
-                    merged,
+        else:
+            if is_folder_output(out):
+                writer = model_folder_writer(
+                    merge.layout,
                     str(out),
                     recipe,
                     base_reader or readers[0],
@@ -273,25 +386,31 @@ def merge_files(
                     model_config,
                     notes,
                 )
-            )
-        else:
-            save_state_dict(merged, out, recipe.metadata())
-            files = ()
+            else:
+                writer = StreamedOutput(
+                    {str(out): aligned_order(list(merge.layout), merge.layout)},
+                    merge.layout,
+                    recipe.metadata(),
+                )
+            with writer:
+                for key, tensor in merge.tensors(writer.order()):
+                    writer.write(key, tensor)
+            files = tuple(writer.names) if isinstance(writer, ModelFolder) else ()
     return MergeReport(
         method=merge_method.name,
         params=parsed.model_dump(mode="json"),
         out=str(out),
-        num_tensors=len(merged),
-        num_bytes=sum(t.numel() * t.element_size() for t in merged.values()),
+        num_tensors=len(merge.layout),
+        num_bytes=sum(layout_bytes(entry) for entry in merge.layout.values()),
         seconds=time.perf_counter() - started,
-        counts=counts,
+        counts=merge.counts,
         files=files,
         notes=tuple(notes),
     )
 
 
-def write_model_folder(
-    merged: StateDict,
+def model_folder_writer(
+    layout: Layout,
     out: str,
     recipe: Recipe,
     like: CheckpointReader,
@@ -299,13 +418,14 @@ def write_model_folder(
     shard_size: int | str,
     model_config: str | None,
     notes: list[str],
-) -> list[str]:
-    """``merged`` as a model folder with the companions of ``like``'s folder (the base's)."""
+) -> ModelFolder:
+    """The writer of a model folder for a merge's output ``layout``, with the companions of
+    ``like``'s folder (the base's); what a user must know about it goes to ``notes``."""
     from mergeflow.hf_clip import is_open_clip_clip
 
     companions = companion_files(like.source, cache)
     open_clip_config = None
-    if is_open_clip_clip(merged):
+    if is_open_clip_clip(layout):
         recipe = dataclasses.replace(recipe, library="open_clip")
         if model_config is not None:
             from mergeflow.models import open_clip_folder_config
@@ -318,4 +438,4 @@ def write_model_folder(
             )
     elif "config.json" not in companions:
         notes.append(f"no config.json copied: {like.name} is not in a model folder")
-    return save_model_folder(merged, out, recipe, companions, shard_size, open_clip_config)
+    return ModelFolder(out, layout, recipe, companions, shard_size, open_clip_config)

@@ -17,20 +17,24 @@ not at all, with the usual permissions (the umask's); the index comes after its 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+
+import torch
 
 import mergeflow
+from mergeflow.checkpoints import SAFETENSORS_DTYPES
 from mergeflow.errors import CheckpointError, ParameterError
 from mergeflow.sources import join
+from mergeflow.statedict import Layout, TensorLayout, layout_of
 from mergeflow.storage import CheckpointCache, is_remote, local_path, staged_output
 
-if TYPE_CHECKING:
-    import torch
+_SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
 DEFAULT_SHARD_SIZE = "5GB"
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
@@ -62,10 +66,6 @@ def is_folder_output(out: str | os.PathLike) -> bool:
     return not os.path.splitext(out.rstrip("/"))[1]
 
 
-def _nbytes(tensor: torch.Tensor) -> int:
-    return tensor.numel() * tensor.element_size()
-
-
 def write_folder_files(
     folder: str,
     tensor_files: Mapping[str, Mapping[str, torch.Tensor]],
@@ -89,19 +89,142 @@ def write_folder_files(
             tmp.write_text(text)
 
 
-def shard(state: Mapping[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
-    """Split ``state`` in key order into shards of at most ``max_bytes`` (a larger tensor
-    gets a shard of its own), as transformers does."""
-    shards: list[dict[str, torch.Tensor]] = [{}]
+def layout_bytes(entry: TensorLayout) -> int:
+    """The bytes of one (shape, dtype) entry's data."""
+    shape, dtype = entry
+    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+
+
+def plan_shards(layout: Layout, max_bytes: int) -> list[list[str]]:
+    """Split ``layout``'s keys in order into shards of at most ``max_bytes`` (a larger
+    tensor gets a shard of its own), as transformers does."""
+    shards: list[list[str]] = [[]]
     size = 0
-    for key, tensor in state.items():
-        n = _nbytes(tensor)
+    for key, entry in layout.items():
+        n = layout_bytes(entry)
         if shards[-1] and size + n > max_bytes:
-            shards.append({})
+            shards.append([])
             size = 0
-        shards[-1][key] = tensor
+        shards[-1].append(key)
         size += n
     return shards
+
+
+def aligned_order(keys: Sequence[str], layout: Layout) -> list[str]:
+    """``keys`` with wider dtypes first (stable), as safetensors orders a file: every tensor
+    then starts at a multiple of its element size, so loaders can map it without a copy."""
+    return sorted(keys, key=lambda k: -torch.empty((), dtype=layout[k][1]).element_size())
+
+
+class SafetensorsStream:
+    """One safetensors file written tensor by tensor, in a planned order, to a staged path.
+
+    The header (every key's dtype, shape and offsets) is written first from the planned
+    ``layout``; :meth:`write` then appends each tensor's bytes as it arrives and refuses one
+    out of order or of another shape or dtype, so nothing but the tensor being written is
+    held. The file is complete when every key is written; :class:`StreamedOutput` places it.
+    """
+
+    def __init__(self, path: Path, layout: Layout, metadata: Mapping[str, str] | None = None):
+        self.path = path
+        self.layout = layout
+        self._pending = list(layout)
+        header: dict[str, object] = {}
+        if metadata:
+            header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+        offset = 0
+        for key, (shape, dtype) in layout.items():
+            if dtype not in _SAFETENSORS_NAMES:
+                raise CheckpointError(
+                    f"{path.name}: {key!r} is {dtype}, which safetensors cannot hold"
+                )
+            size = layout_bytes((shape, dtype))
+            header[key] = {
+                "dtype": _SAFETENSORS_NAMES[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + size],
+            }
+            offset += size
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors pads
+        self._file = open(path, "wb")  # noqa: SIM115 (closed by finish, or by the output)
+        self._file.write(len(text).to_bytes(8, "little") + text)
+
+    @property
+    def complete(self) -> bool:
+        return not self._pending
+
+    def write(self, key: str, tensor: torch.Tensor) -> None:
+        if not self._pending or key != self._pending[0]:
+            expected = self._pending[0] if self._pending else "nothing more"
+            raise RuntimeError(f"{self.path.name}: got {key!r}, expected {expected!r}")
+        shape, dtype = self.layout[key]
+        if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            raise RuntimeError(
+                f"{self.path.name}: {key!r} is {tuple(tensor.shape)} {tensor.dtype}, "
+                f"the header says {shape} {dtype}"
+            )
+        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+        self._file.write(memoryview(data.numpy()))
+        self._pending.pop(0)
+        if not self._pending:
+            self.close()
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+
+
+class StreamedOutput:
+    """Safetensors files (``files``: URI → its keys, in write order) written as a merge
+    yields tensors: each tensor goes to its file at once, so the merge holds no output.
+    Every file is staged, and all are placed (renamed or uploaded) only when the last is
+    complete: a merge that fails half-way leaves nothing new at the targets (nor a mix of
+    new and old shards)."""
+
+    def __init__(
+        self,
+        files: Mapping[str, Sequence[str]],
+        layout: Layout,
+        metadata: Mapping[str, str] | None = None,
+    ):
+        self._plan = {uri: list(keys) for uri, keys in files.items()}
+        self._file_of = {key: uri for uri, keys in self._plan.items() for key in keys}
+        self._layout = layout
+        self._metadata = dict(metadata or {})
+        self._stack = ExitStack()
+        self._open: SafetensorsStream | None = None
+        self._done: list[str] = []
+
+    def order(self) -> list[str]:
+        """Every key, in the order :meth:`write` takes them."""
+        return [key for keys in self._plan.values() for key in keys]
+
+    def __enter__(self) -> StreamedOutput:
+        self._stack.__enter__()
+        return self
+
+    def write(self, key: str, tensor: torch.Tensor) -> None:
+        if key not in self._file_of:
+            raise RuntimeError(f"{key!r} is in no planned output file")
+        if self._open is None:
+            uri = self._file_of[key]
+            path = self._stack.enter_context(staged_output(uri))
+            layout = {k: self._layout[k] for k in self._plan[uri]}
+            self._open = SafetensorsStream(path, layout, self._metadata)
+            self._stack.callback(self._open.close)
+        self._open.write(key, tensor)
+        if self._open.complete:
+            self._done.append(self._file_of[key])
+            self._open = None
+
+    def __exit__(self, kind, value, traceback) -> bool:
+        if kind is None and len(self._done) != len(self._plan):
+            missing = next(uri for uri in self._plan if uri not in self._done)
+            error = RuntimeError(f"{missing}: not every tensor was written")
+            self._stack.__exit__(RuntimeError, error, None)  # the staged files are removed
+            raise error
+        return self._stack.__exit__(kind, value, traceback)
 
 
 @dataclass(frozen=True)
@@ -154,6 +277,73 @@ def _remove_stale_shards(folder: str, keep: set[str]) -> None:
             path.unlink()
 
 
+class ModelFolder:
+    """A model folder (see the module docstring) written as a merge yields its tensors:
+    plan it from the output's ``layout``, write every key of :meth:`order` through
+    :meth:`write`; on leaving the ``with`` block the tensor files are placed, then the
+    companions (config, tokenizer), then the index and the model card, so an index never
+    names a shard that is not there. ``names`` lists what was written."""
+
+    def __init__(
+        self,
+        folder: str,
+        layout: Layout,
+        recipe: Recipe,
+        companions: Mapping[str, Path] | None = None,
+        shard_size: int | str = DEFAULT_SHARD_SIZE,
+        open_clip_config: Mapping | None = None,
+    ):
+        self.folder = folder
+        self._companions = dict(companions or {})
+        self._texts = {"README.md": recipe.card()}
+        metadata = {"format": "pt", **recipe.metadata()}
+        if open_clip_config is not None or "open_clip_config.json" in self._companions:
+            if open_clip_config is not None:
+                self._texts["open_clip_config.json"] = json.dumps(open_clip_config, indent=2)
+                self._companions.pop("open_clip_config.json", None)
+            files = {"open_clip_model.safetensors": aligned_order(list(layout), layout)}
+        else:
+            shards = plan_shards(layout, parse_size(shard_size))
+            files = {
+                f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors": aligned_order(keys, layout)
+                for i, keys in enumerate(shards)
+            }
+            index = {
+                "metadata": {
+                    "total_size": sum(layout_bytes(e) for e in layout.values()),
+                    **recipe.metadata(),
+                },
+                "weight_map": {key: name for name, keys in files.items() for key in keys},
+            }
+            self._texts = {
+                "model.safetensors.index.json": json.dumps(index, indent=2),
+                **self._texts,
+            }
+        self._tensor_files = list(files)
+        self._output = StreamedOutput(
+            {join(folder, name): keys for name, keys in files.items()}, layout, metadata
+        )
+        self.names = [*self._tensor_files, *self._companions, *self._texts]
+
+    def order(self) -> list[str]:
+        return self._output.order()
+
+    def write(self, key: str, tensor: torch.Tensor) -> None:
+        self._output.write(key, tensor)
+
+    def __enter__(self) -> ModelFolder:
+        self._output.__enter__()
+        return self
+
+    def __exit__(self, kind, value, traceback) -> bool:
+        if self._output.__exit__(kind, value, traceback) or kind is not None:
+            return False
+        write_folder_files(self.folder, {}, self._texts, None, self._companions)
+        if not self._tensor_files[0].startswith("open_clip"):
+            _remove_stale_shards(self.folder, set(self._tensor_files))
+        return False
+
+
 def save_model_folder(
     state: Mapping[str, torch.Tensor],
     folder: str,
@@ -162,33 +352,13 @@ def save_model_folder(
     shard_size: int | str = DEFAULT_SHARD_SIZE,
     open_clip_config: Mapping | None = None,
 ) -> list[str]:
-    """Write ``state`` as a model folder (see the module docstring); ``companions`` are
-    files copied in (config, tokenizer). Returns the names written."""
-    companions = dict(companions or {})
-    if open_clip_config is not None or "open_clip_config.json" in companions:
-        texts = {"README.md": recipe.card()}
-        if open_clip_config is not None:
-            texts["open_clip_config.json"] = json.dumps(open_clip_config, indent=2)
-            companions.pop("open_clip_config.json", None)
-        write_folder_files(
-            folder, {"open_clip_model.safetensors": state}, texts, recipe.metadata(), companions
-        )
-        return ["open_clip_model.safetensors", *companions, *texts]
-    shards = shard(state, parse_size(shard_size))
-    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    index = {
-        "metadata": {"total_size": sum(_nbytes(t) for t in state.values()), **recipe.metadata()},
-        "weight_map": {key: name for name, part in zip(names, shards, strict=True) for key in part},
-    }
-    write_folder_files(
-        folder,
-        dict(zip(names, shards, strict=True)),
-        {"model.safetensors.index.json": json.dumps(index, indent=2), "README.md": recipe.card()},
-        recipe.metadata(),
-        companions,
-    )
-    _remove_stale_shards(folder, set(names))
-    return [*names, *companions, "model.safetensors.index.json", "README.md"]
+    """Write an in-memory ``state`` as a model folder (see :class:`ModelFolder`); returns
+    the names written."""
+    writer = ModelFolder(folder, layout_of(state), recipe, companions, shard_size, open_clip_config)
+    with writer:
+        for key in writer.order():
+            writer.write(key, state[key])
+    return writer.names
 
 
 def companion_files(source, cache: CheckpointCache) -> dict[str, Path]:

@@ -34,4 +34,5 @@ METHOD = MergeMethod(
     params=AverageParams,
     merge_tensor=merge_tensor,
     uses_base=False,
+    elementwise=True,
 )

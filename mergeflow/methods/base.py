@@ -81,10 +81,17 @@ class MergeMethod(Described):
     prepare: Callable[[Sweep, Any], Any] | None = None
     per_task: bool = False
     """True for methods that build one model per task (a ``task`` parameter), not one merge."""
+    elementwise: bool | Callable[[Any], bool] = False
+    """True when each output entry depends only on the same entry of the inputs (and the
+    context): such a merge may run over a large tensor in row blocks."""
 
     def needs_base(self, params: MethodParams) -> bool:
         """Whether the merge with ``params`` reads the base checkpoint."""
         return self.uses_base(params) if callable(self.uses_base) else self.uses_base
+
+    def merges_elementwise(self, params: MethodParams) -> bool:
+        """Whether the merge with ``params`` may run over row blocks of a tensor."""
+        return self.elementwise(params) if callable(self.elementwise) else self.elementwise
 
 
 def check_task_index(method: str, task: int, num_tasks: int) -> None:

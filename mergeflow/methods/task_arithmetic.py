@@ -37,4 +37,5 @@ METHOD = MergeMethod(
     params=TaskArithmeticParams,
     merge_tensor=merge_tensor,
     uses_base=uses_base,
+    elementwise=True,
 )

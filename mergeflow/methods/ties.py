@@ -44,6 +44,11 @@ class TiesParams(TaskVectorParams):
     )
 
 
+def trims_model_wide(params: TiesParams) -> bool:
+    """Model-wide thresholds make every entry's rule local; a tensor's own need all of it."""
+    return params.trim == "model"
+
+
 def prepare(sweep: Sweep, params: TiesParams) -> list[float] | None:
     if params.trim == "tensor":
         return None  # each tensor's own thresholds, in merge_tensor
@@ -72,4 +77,5 @@ METHOD = MergeMethod(
     merge_tensor=merge_tensor,
     uses_base=uses_base,
     prepare=prepare,
+    elementwise=trims_model_wide,
 )
