@@ -12,7 +12,7 @@ export AWS_EC2_METADATA_DISABLED := true
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup test test-all lint format demo bench bench-memory bench-factorize mutation deploy lock clean
+.PHONY: setup test test-all lint format demo bench bench-memory bench-factorize bench-peers mutation deploy lock clean
 
 setup: $(STAMP)
 
@@ -59,6 +59,11 @@ bench-memory: setup
 # the truncated SVD (float64 Gram + eigh) against a full LAPACK SVD, per shape and model
 bench-factorize: setup
 	$(PY) bench/factorize.py
+
+# mergeflow beside mergekit (in a venv of its own under .bench/) and FusionBench, paired;
+# PEERS_ARGS passes options, e.g. PEERS_ARGS="--size 1b --repeats 1".
+bench-peers: setup
+	$(PY) bench/peers.py $(PEERS_ARGS)
 
 # mutmut over the core's scope (bench/mutation.py) against its fast tests; prints the share
 # of mutants caught per module, the equivalent survivors' reasons and any other survivor's

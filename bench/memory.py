@@ -8,8 +8,14 @@ should add less than one checkpoint's size. TIES is measured too: its model-wide
 threshold takes two extra streaming passes, not a flattened model.
 
 With ``--device cuda`` the merges run there and the peak GPU memory is printed too.
+
+With ``--llama 1b`` it measures the streamed, sharded output instead: task arithmetic of
+T = 4 bf16 Llama models of TinyLlama's dimensions (1.1B parameters, 2.2 GB each) into 500 MB
+shards, mergeflow's peak RSS beside mergekit's on the same input (``bench/peers.py`` makes
+the inputs and mergekit's venv); the target is under 1.5 GB, less than the model.
+
 Usage: ``python bench/memory.py [--workdir DIR] [--methods cart,ties] [--tasks 2,4,8,16]
-[--device cpu|cuda]``.
+[--device cpu|cuda] [--llama 156m|1b]``.
 """
 
 from __future__ import annotations
@@ -42,18 +48,52 @@ def run_child(method: str, base: str, paths: list[str], out: str, device: str = 
     }
 
 
+LLAMA_TARGET_BYTES = 1.5e9
+
+
+def run_llama(size: str, workdir: Path | None) -> None:
+    """Peak RSS of a streamed task-arithmetic merge into 500 MB shards, beside mergekit's."""
+    from peers import TASKS_LLAMA, llama_commands, timed
+
+    workdir = workdir or Path(__file__).resolve().parent.parent / ".bench" / "peers"
+    workdir.mkdir(parents=True, exist_ok=True)
+    print(machine_line())
+    ours, kit, ours_out, kit_out = llama_commands("ta", workdir, size, shard_size="500MB")
+    model_mib = (workdir / f"llama-{size}" / "base" / "model.safetensors").stat().st_size / 2**20
+    print(
+        f"task arithmetic, Llama {size}, T={TASKS_LLAMA}, bf16, one model {model_mib:.0f} MiB, "
+        "500 MB shards"
+    )
+    results = {}
+    for name, command in (("mergeflow", ours), ("mergekit", kit)):
+        results[name] = timed(command, workdir / f"memory-{name}-{size}.log")
+        shards = len(list((ours_out if name == "mergeflow" else kit_out).glob("*.safetensors")))
+        r = results[name]
+        print(f"{name:9s} peak RSS {r.rss_mib:7.0f} MiB  wall {r.wall:6.1f} s  {shards} shards")
+    peak = results["mergeflow"].rss_mib
+    target_mib = LLAMA_TARGET_BYTES / 2**20
+    print(
+        f"mergeflow / mergekit peak RSS = {peak / results['mergekit'].rss_mib:.2f}; target "
+        f"< 1.5 GB ({target_mib:.0f} MiB): {'met' if peak < target_mib else 'NOT met'}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--methods", default="cart,ties")
     parser.add_argument("--tasks", default="2,4,8,16")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("--llama", choices=("156m", "1b"), help="the sharded-output check")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("paths", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         base, out, *paths = args.paths
         print(json.dumps(run_child(args.child, base, paths, out, args.device)))
+        return
+    if args.llama:
+        run_llama(args.llama, args.workdir)
         return
 
     counts = [int(t) for t in args.tasks.split(",")]

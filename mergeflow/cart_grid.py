@@ -5,7 +5,13 @@
 singular triplets of the centered task vector τ̄_t, where ``k_max`` follows from
 ``max_rank_ratio``. :meth:`CartFactors.merge` then builds any (rank_ratio ≤ max_rank_ratio,
 scale) point with one matrix product per matrix and no further SVD; the result equals
-``mergeflow.methods.cart`` run directly with the same parameters.
+``mergeflow.methods.cart`` run directly with the same parameters (to float32 rounding).
+
+A grid asks for several scales at each rank and for ranks in turn, so ``merge`` keeps the
+last low-rank update of every matrix (float32, on the compute device: as much again as the
+matrices of θ_avg) and reuses it: another scale costs one element-wise pass, and a higher
+rank adds only the components between the two ranks. Ranks in ascending order then cost
+one reconstruction at the largest rank in all.
 
 Factors can be saved to and loaded from one safetensors file (local path or URI), so they
 can be computed on a GPU worker and reused by others.
@@ -77,6 +83,7 @@ class CartFactors:
         norms: dict[str, torch.Tensor] | None = None,
     ):
         self.norms = norms or {}
+        self._updates: dict[str, tuple[list[int], torch.Tensor]] = {}  # see the docstring
         self.average = average
         self.factors = factors
         self.dtypes = dtypes
@@ -168,19 +175,36 @@ class CartFactors:
         for key, avg in self.average.items():
             dtype = self.dtypes[key]
             if key in self.factors:
-                task_factors = self.factors[key]
                 if energy is None:
                     k = rank_for(avg.shape, rank_ratio)
                 else:
                     k = self.energy_ranks(key, energy)
-                on_device = [f.to(compute_device) for f in task_factors]
-                update = low_rank_sum(on_device, k)
-                merged[key] = (avg.to(compute_device) + scale * update).to(dtype).cpu()
+                ranks = [k] * self.num_tasks if isinstance(k, int) else list(k)
+                update = self._update(key, ranks, compute_device)
+                merged[key] = torch.add(avg.to(compute_device), update, alpha=scale)
+                merged[key] = merged[key].to(dtype).cpu()
             elif dtype.is_floating_point:
                 merged[key] = avg.to(dtype)
             else:
                 merged[key] = avg.clone()
         return merged
+
+    def _update(self, key: str, ranks: list[int], device: torch.device) -> torch.Tensor:
+        """Σ_t SVD_{k_t}(τ̄_t) at ``key``, from the kept update of a previous call where its
+        ranks are no higher than ``ranks`` (the components in between are added)."""
+        kept = self._updates.get(key)
+        if kept is not None and kept[0] == ranks and kept[1].device == device:
+            return kept[1]
+        on_device = [f.to(device) for f in self.factors[key]]
+        if kept is not None and kept[1].device == device:
+            kept_ranks, update = kept
+            if all(a <= k for a, k in zip(kept_ranks, ranks, strict=True)):
+                update.add_(low_rank_sum(on_device, ranks, start=kept_ranks))
+                self._updates[key] = (ranks, update)
+                return update
+        update = low_rank_sum(on_device, ranks)
+        self._updates[key] = (ranks, update)
+        return update
 
     def save(self, uri: str | os.PathLike) -> None:
         """Write everything to one safetensors file at ``uri``."""

@@ -565,7 +565,9 @@ def load_for_compute(
     every merged tensor it touches, silently."""
     stored = reader.get(key) if rows is None else reader.get_rows(key, *rows)
     tensor = stored.to(device, dtype)
-    if not bool(torch.isfinite(tensor).all()):
+    # A NaN or Inf entry makes the sum non-finite, so a finite sum (one pass, no mask) clears
+    # the tensor; a non-finite one (or a sum that overflowed) gets the entry-wise count.
+    if not bool(torch.isfinite(tensor.sum())) and not bool(torch.isfinite(tensor).all()):
         bad = int((~torch.isfinite(tensor)).sum())
         raise CheckpointError(
             f"{reader.name}: key {key!r} holds {bad} NaN or Inf value(s) of {tensor.numel()}"

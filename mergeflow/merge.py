@@ -28,7 +28,6 @@ from mergeflow.checkpoints import (
 )
 from mergeflow.errors import ParameterError
 from mergeflow.lora import save_lora_adapter
-from mergeflow.memory import release_large_frees
 from mergeflow.methods import MergeMethod, MethodParams, get_method
 from mergeflow.methods.cart import LowRankSelection
 from mergeflow.outputs import (
@@ -330,7 +329,6 @@ def merge_files(
     or with ``out_format="lora"`` a PEFT adapter of rank ``rank``. ``model_config`` names
     the open_clip config an open_clip model folder's ``open_clip_config.json`` describes."""
     started = time.perf_counter()
-    release_large_frees()
     if out_format not in OUT_FORMATS:
         raise ParameterError(f"--out-format {out_format!r}: use full or lora")
     if out_format == "lora" and rank is None:

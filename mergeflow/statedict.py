@@ -111,13 +111,19 @@ def scale(state: Mapping[str, torch.Tensor], factor: float) -> StateDict:
     return _combine([state], lambda v: v[0] * factor)
 
 
+def sum_of(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Σ_t tensors[t], accumulated in place into one new tensor (a (T, …) stack would copy
+    every input first)."""
+    total = tensors[0].clone()
+    for tensor in tensors[1:]:
+        total.add_(tensor)
+    return total
+
+
 def mean_of(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """θ_avg, accumulated in place: one extra tensor, not a (T, …) stack. Equal inputs give
     that tensor exactly (a sum and a division would round it), so what no task changed
     stays bit for bit what it was, whichever method averages it."""
     if all(torch.equal(tensors[0], t) for t in tensors[1:]):
         return tensors[0].clone()
-    total = tensors[0].clone()
-    for theta in tensors[1:]:
-        total.add_(theta)
-    return total.div_(len(tensors))
+    return sum_of(tensors).div_(len(tensors))

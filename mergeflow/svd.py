@@ -153,19 +153,24 @@ def _gram_svd(matrix: torch.Tensor, k: int) -> Factors | None:
     return Factors(v.contiguous(), s.contiguous(), u.T.contiguous())
 
 
-def low_rank_sum(factors: Sequence[Factors], k: int | Sequence[int]) -> torch.Tensor:
-    """``Σ_t U_t[:, :k_t] diag(S_t[:k_t]) Vh_t[:k_t]`` as one (m, Σk) @ (Σk, n) product,
-    float32; ``k`` is one rank for every task or one per task."""
+def low_rank_sum(
+    factors: Sequence[Factors], k: int | Sequence[int], start: int | Sequence[int] = 0
+) -> torch.Tensor:
+    """``Σ_t U_t[:, a_t:k_t] diag(S_t[a_t:k_t]) Vh_t[a_t:k_t]`` as one (m, Σ(k−a)) @
+    (Σ(k−a), n) product, float32; ``k`` (and ``start`` a, default 0) is one rank for every
+    task or one per task. A start above 0 gives what ranks a..k add to the rank-a sum."""
     if not factors:
         raise ValueError("low_rank_sum needs at least one set of factors")
     ranks = [k] * len(factors) if isinstance(k, int) else list(k)
-    for f, rank in zip(factors, ranks, strict=True):
+    starts = [start] * len(factors) if isinstance(start, int) else list(start)
+    for f, first, rank in zip(factors, starts, ranks, strict=True):
         if f.rank < rank:
             raise ValueError(f"factors hold rank {f.rank}, asked for rank {rank}")
-    left = torch.cat([f.u[:, :r] for f, r in zip(factors, ranks, strict=True)], dim=1)
-    right = torch.cat(
-        [f.s[:r, None] * f.vh[:r] for f, r in zip(factors, ranks, strict=True)], dim=0
-    )
+        if not 0 <= first <= rank:
+            raise ValueError(f"start {first} is outside ranks 0..{rank}")
+    spans = list(zip(factors, starts, ranks, strict=True))
+    left = torch.cat([f.u[:, a:r] for f, a, r in spans], dim=1)
+    right = torch.cat([f.s[a:r, None] * f.vh[a:r] for f, a, r in spans], dim=0)
     return left @ right
 
 

@@ -129,6 +129,39 @@ def test_grid_point_equals_a_direct_merge(family):
         assert_same_merge(from_grid, direct)
 
 
+def test_grid_reuses_the_update_across_scales_and_adds_only_new_ranks(family, monkeypatch):
+    """Scales at one rank reuse its update; a higher rank multiplies only the components
+    between the two; a lower rank or energy starts afresh. Every point equals a direct
+    merge."""
+    import mergeflow.cart_grid as cart_grid
+
+    _, tuned = family
+    factors = CartFactors.factorize(tuned, max_rank_ratio=0.5, device="cpu")
+    components = []
+    low_rank_sum = cart_grid.low_rank_sum
+
+    def counting(parts, k, start=0):
+        starts = [start] * len(parts) if isinstance(start, int) else start
+        ks = [k] * len(parts) if isinstance(k, int) else k
+        components.append(sum(b - a for a, b in zip(starts, ks, strict=True)))
+        return low_rank_sum(parts, k, start)
+
+    monkeypatch.setattr(cart_grid, "low_rank_sum", counting)
+    matrices = len(factors.factors)
+    points = [(0.1, 0.5), (0.1, 1.5), (0.25, 1.0), (0.25, 0.3), (0.5, 1.0)]
+    for rank_ratio, scale in points:
+        assert_same_merge(
+            factors.merge(rank_ratio, scale, device="cpu"),
+            cart(tuned, rank_ratio=rank_ratio, scale=scale),
+        )
+    largest = sum(rank_for(factors.average[key].shape, 0.5) for key in factors.factors)
+    assert sum(components) == len(tuned) * largest  # one reconstruction at the top rank
+    assert len(components) == 3 * matrices  # a call per matrix and rank, none per scale
+    components.clear()
+    assert_same_merge(factors.merge(0.1, 2.0, device="cpu"), cart(tuned, rank_ratio=0.1, scale=2.0))
+    assert len(components) == matrices
+
+
 def test_grid_does_not_run_another_svd(family, monkeypatch):
     _, tuned = family
     factors = CartFactors.factorize(tuned, max_rank_ratio=0.5, device="cpu")

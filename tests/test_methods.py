@@ -12,7 +12,7 @@ from mergeflow.cart_index import CartIndex
 from mergeflow.checkpoints import StateDictReader
 from mergeflow.merge import merge_readers
 from mergeflow.methods import METHODS
-from mergeflow.order_stats import OrderStatistics
+from mergeflow.order_stats import OrderStatistics, kth_smallest
 from mergeflow.svd import energy_rank, resolve_device
 
 MATRIX = "visual.transformer.resblocks.0.mlp.c_fc.weight"
@@ -71,6 +71,42 @@ def test_order_statistics_count_exactly_beyond_float32s_integers():
     zeros = torch.zeros(2**24 + 1)
     tail = torch.tensor([1.0, 2.0])
     assert order_statistics_of([zeros, tail], [2**24, 2**24 + 1, 2**24 + 2]) == [0.0, 1.0, 2.0]
+
+
+def test_kth_smallest_is_kthvalue_and_selects_on_a_bracket(monkeypatch):
+    """Exact on ties, sorted input and a sample unlike the whole (the fallback); the fast
+    path selects over a small bracket, never over the whole tensor."""
+    gen = torch.Generator().manual_seed(0)
+    size = 700_000
+    spiky = torch.rand(size, generator=gen)
+    spiky[:: size // (1 << 16)] = 5.0  # every sampled entry is the largest: the bracket misses
+    inputs = {
+        "normal": torch.randn(size, generator=gen).abs(),
+        "ties": torch.randint(0, 50, (size,), generator=gen).float(),
+        "sorted": torch.rand(size, generator=gen).sort().values.reshape(700, 1000),
+        "spiky": spiky,
+    }
+    selected_sizes = []
+    kthvalue = torch.Tensor.kthvalue
+
+    def counting(self, k, *args, **kwargs):
+        selected_sizes.append(self.numel())
+        return kthvalue(self, k, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "kthvalue", counting)
+    for name, values in inputs.items():
+        for rank in (0, 1, size // 2, int(0.8 * size), size - 1):
+            selected_sizes.clear()
+            got = kth_smallest(values, rank)
+            want = float(kthvalue(values.reshape(-1), rank + 1).values)
+            assert got == want, (name, rank)
+            if name == "normal" and 0 < rank < size - 1:
+                assert max(selected_sizes) < size // 10, (rank, selected_sizes)
+    selected_sizes.clear()
+    kth_smallest(spiky, size // 2)
+    assert selected_sizes == [size]  # the fallback ran on the whole
+    with pytest.raises(ValueError, match="rank 5 is outside 5 values"):
+        kth_smallest(torch.arange(5.0), 5)
 
 
 def test_order_statistics_refuse_misuse():

@@ -190,3 +190,23 @@ def test_readers_read_only_the_rows_asked_for(llamas):
         rows = reader.get_rows(key, 8, 20)
         assert torch.equal(rows, states[1][key][8:20])
         assert torch.equal(reader.get_rows(key, 60, 99), states[1][key][60:])
+
+
+def test_the_finite_check_passes_huge_finite_weights_and_refuses_one_nan(tmp_path):
+    """The check sums first: a sum that overflows on finite weights must not refuse them,
+    and one NaN among them must still be found and counted."""
+    from mergeflow.checkpoints import load_for_compute
+    from mergeflow.errors import CheckpointError
+
+    huge = torch.full((4, 8), 3e38)
+    poisoned = huge.clone()
+    poisoned[2, 5] = float("nan")
+    path = tmp_path / "w.safetensors"
+    save_file({"huge": huge, "poisoned": poisoned}, path)
+    with open_checkpoint(path) as reader:
+        loaded = load_for_compute(reader, "huge", torch.device("cpu"), torch.float32)
+        assert torch.equal(loaded, huge)
+        with pytest.raises(
+            CheckpointError, match=r"key 'poisoned' holds 1 NaN or Inf value\(s\) of 16"
+        ):
+            load_for_compute(reader, "poisoned", torch.device("cpu"), torch.float32, rows=(1, 3))

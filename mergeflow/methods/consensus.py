@@ -22,6 +22,7 @@ from pydantic import Field
 
 from mergeflow.methods.base import MergeMethod, check_task_index
 from mergeflow.methods.task_vectors import TaskVectorParams, origin_and_vectors, uses_base
+from mergeflow.statedict import sum_of
 
 
 class TallMaskParams(TaskVectorParams):
@@ -54,7 +55,7 @@ def merge_tall_mask(
     check_task_index("tall_masks", params.task, len(finetuned))
     origin, task_vectors = origin_and_vectors(finetuned, base, params.center)
     mask = task_masks(task_vectors, params.mask_lambda)[params.task]
-    return origin + mask * torch.stack(task_vectors).sum(0)
+    return origin + mask * sum_of(task_vectors)
 
 
 def merge_consensus(
@@ -66,7 +67,7 @@ def merge_consensus(
 ) -> torch.Tensor:
     origin, task_vectors = origin_and_vectors(finetuned, base, params.center)
     needed_by = task_masks(task_vectors, params.mask_lambda).sum(0)
-    multi_task = torch.stack(task_vectors).sum(0)
+    multi_task = sum_of(task_vectors)
     return origin + params.scale * (needed_by >= params.k) * multi_task
 
 

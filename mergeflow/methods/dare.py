@@ -28,6 +28,7 @@ from mergeflow.methods.task_vectors import (
     trim_thresholds,
     uses_base,
 )
+from mergeflow.statedict import sum_of
 
 
 class DareParams(TaskVectorParams):
@@ -65,7 +66,7 @@ def merge_tensor(
     if params.combine == "ties":
         combined = elect_and_merge(magnitude_trim(dropped, thresholds), "mean")
     else:
-        combined = torch.stack(dropped).sum(0)
+        combined = sum_of(dropped)
     return origin + params.scale * combined
 
 

@@ -23,6 +23,7 @@ from pydantic import Field
 from mergeflow.methods.base import MergeMethod
 from mergeflow.methods.cart import AllMatrices
 from mergeflow.methods.task_vectors import TaskVectorParams, merge_matrices, uses_base
+from mergeflow.statedict import sum_of
 from mergeflow.svd import orthogonalize
 
 
@@ -37,7 +38,7 @@ class IsoCtsParams(IsoCParams):
 
 
 def isotropic_common(task_vectors: Sequence[torch.Tensor]) -> torch.Tensor:
-    u, s, vh = torch.linalg.svd(torch.stack(list(task_vectors)).sum(0), full_matrices=False)
+    u, s, vh = torch.linalg.svd(sum_of(task_vectors), full_matrices=False)
     return s.mean() * (u @ vh)
 
 
@@ -49,7 +50,7 @@ def isotropic_common_and_specific(
     common = int(full * common_fraction)
     per_task = round((full - common) / num_tasks)
     common = full - per_task * num_tasks
-    u, s, vh = torch.linalg.svd(torch.stack(list(task_vectors)).sum(0), full_matrices=False)
+    u, s, vh = torch.linalg.svd(sum_of(task_vectors), full_matrices=False)
     us, ss, vhs = [u[:, :common]], [s[:common]], [vh[:common]]
     for tau in task_vectors:
         specific = tau - us[0] @ (us[0].T @ tau)

@@ -13,6 +13,7 @@ from pydantic import Field
 
 from mergeflow.methods.base import MergeMethod
 from mergeflow.methods.task_vectors import TaskVectorParams, origin_and_vectors, uses_base
+from mergeflow.statedict import sum_of
 
 
 class TaskArithmeticParams(TaskVectorParams):
@@ -27,7 +28,7 @@ def merge_tensor(
     context=None,
 ) -> torch.Tensor:
     origin, task_vectors = origin_and_vectors(finetuned, base, params.center)
-    return origin + params.scale * torch.stack(task_vectors).sum(0)
+    return origin + params.scale * sum_of(task_vectors)
 
 
 METHOD = MergeMethod(

@@ -22,7 +22,7 @@ import torch
 from pydantic import Field
 
 from mergeflow.methods.base import MethodParams, Sweep
-from mergeflow.order_stats import per_task_order_statistics
+from mergeflow.order_stats import kth_smallest, per_task_order_statistics
 from mergeflow.statedict import mean_of
 
 Center = Literal["base", "average"]
@@ -120,9 +120,10 @@ def elect_and_merge(
     elected = torch.where(elected < 0, -1.0, 1.0)
     merged = torch.zeros_like(elected)
     count = torch.zeros_like(elected)
+    agrees = torch.empty_like(elected)  # one buffer: fresh temporaries per task cost page faults
     for tau in task_vectors:
-        agrees = (tau * elected) > 0
-        merged.add_(tau * agrees)
+        torch.mul(tau, elected, out=agrees).gt_(0)  # 1.0 where τ_t is nonzero with sign γ
+        merged.addcmul_(tau, agrees)
         count.add_(agrees)
     if aggregate == "sum":
         return merged
@@ -168,5 +169,5 @@ def tensor_thresholds(task_vectors: Sequence[torch.Tensor], density: float) -> l
     the top ``density`` of this tensor's entries. None at density 1 (keep all)."""
     if density >= 1:
         return None
-    k = threshold_rank(task_vectors[0].numel(), density) + 1  # kthvalue counts from 1
-    return [float(tau.abs().flatten().kthvalue(k).values) for tau in task_vectors]
+    rank = threshold_rank(task_vectors[0].numel(), density)
+    return [kth_smallest(tau.abs(), rank) for tau in task_vectors]
