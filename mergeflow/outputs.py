@@ -277,6 +277,19 @@ def _remove_stale_shards(folder: str, keep: set[str]) -> None:
             path.unlink()
 
 
+def _refuse_unsharded_weights(folder: str) -> None:
+    """``from_pretrained`` loads ``model.safetensors`` before any index, so new shards beside
+    one would be read as that old model: refused before anything is merged (local only)."""
+    if is_remote(folder):
+        return
+    stale = local_path(folder) / "model.safetensors"
+    if stale.exists():
+        raise CheckpointError(
+            f"{stale}: from_pretrained would load this file instead of the merged shards; "
+            "remove it or write to another folder"
+        )
+
+
 class ModelFolder:
     """A model folder (see the module docstring) written as a merge yields its tensors:
     plan it from the output's ``layout``, write every key of :meth:`order` through
@@ -303,6 +316,7 @@ class ModelFolder:
                 self._companions.pop("open_clip_config.json", None)
             files = {"open_clip_model.safetensors": aligned_order(list(layout), layout)}
         else:
+            _refuse_unsharded_weights(folder)
             shards = plan_shards(layout, parse_size(shard_size))
             files = {
                 f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors": aligned_order(keys, layout)

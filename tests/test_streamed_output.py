@@ -210,3 +210,22 @@ def test_the_finite_check_passes_huge_finite_weights_and_refuses_one_nan(tmp_pat
             CheckpointError, match=r"key 'poisoned' holds 1 NaN or Inf value\(s\) of 16"
         ):
             load_for_compute(reader, "poisoned", torch.device("cpu"), torch.float32, rows=(1, 3))
+
+
+def test_a_folder_holding_model_safetensors_is_refused_before_merging(llamas, tmp_path):
+    """from_pretrained reads model.safetensors before an index: new shards beside an old
+    model.safetensors would load as the old model."""
+    from mergeflow.errors import CheckpointError
+
+    folders, _ = llamas
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = out / "model.safetensors"
+    save_file({"x": torch.ones(2)}, stale)
+    old = stale.read_bytes()
+    with pytest.raises(
+        CheckpointError, match=r"out/model\.safetensors: from_pretrained would load"
+    ):
+        merge_files("task_arithmetic", folders[0], folders[1:], {}, out, device="cpu")
+    assert stale.read_bytes() == old
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors"]
