@@ -57,7 +57,7 @@ LLAMA_SIZES = {
     },
 }
 
-# method -> (mergeflow --param values, mergekit method, mergekit per-model parameters)
+# case -> (label, mergeflow arguments, mergekit method, mergekit per-model parameters)
 LLAMA_CASES = {
     "ta": (
         "task arithmetic",

@@ -192,17 +192,18 @@ class CartFactors:
     def _update(self, key: str, ranks: list[int], device: torch.device) -> torch.Tensor:
         """Σ_t SVD_{k_t}(τ̄_t) at ``key``, from the kept update of a previous call where its
         ranks are no higher than ``ranks`` (the components in between are added)."""
-        kept = self._updates.get(key)
-        if kept is not None and kept[0] == ranks and kept[1].device == device:
-            return kept[1]
+        kept_ranks, update = self._updates.get(key, (None, None))
+        if update is not None and update.device == device and kept_ranks == ranks:
+            return update
         on_device = [f.to(device) for f in self.factors[key]]
-        if kept is not None and kept[1].device == device:
-            kept_ranks, update = kept
-            if all(a <= k for a, k in zip(kept_ranks, ranks, strict=True)):
-                update.add_(low_rank_sum(on_device, ranks, start=kept_ranks))
-                self._updates[key] = (ranks, update)
-                return update
-        update = low_rank_sum(on_device, ranks)
+        if (
+            update is not None
+            and update.device == device
+            and all(a <= k for a, k in zip(kept_ranks, ranks, strict=True))
+        ):
+            update.add_(low_rank_sum(on_device, ranks, start=kept_ranks))
+        else:
+            update = low_rank_sum(on_device, ranks)
         self._updates[key] = (ranks, update)
         return update
 

@@ -97,24 +97,9 @@ def merge_readers(
     device: str | torch.device | None = "auto",
     progress: bool = False,
 ) -> StateDict:
-    """Merge ``finetuned`` with ``method`` key by key and return the merged state dict
-    (see :func:`merge_with_counts`)."""
-    return merge_with_counts(method, finetuned, base, params, device, progress)[0]
-
-
-def merge_with_counts(
-    method: str | MergeMethod,
-    finetuned: Sequence[CheckpointReader],
-    base: CheckpointReader | None = None,
-    params: Mapping[str, Any] | MethodParams | None = None,
-    device: str | torch.device | None = "auto",
-    progress: bool = False,
-    out_dtype: torch.dtype | None = None,
-) -> tuple[StateDict, MergeCounts]:
-    """The merged state dict in memory, and how each tensor was treated (see
-    :func:`start_merge`)."""
-    merge = start_merge(method, finetuned, base, params, device, progress, out_dtype)
-    return dict(merge.tensors()), merge.counts
+    """Merge ``finetuned`` with ``method`` key by key and return the merged state dict in
+    memory (see :func:`start_merge`)."""
+    return dict(start_merge(method, finetuned, base, params, device, progress).tensors())
 
 
 def start_merge(

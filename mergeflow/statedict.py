@@ -98,7 +98,7 @@ def add(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> StateDi
 
 def total(states: Sequence[Mapping[str, torch.Tensor]]) -> StateDict:
     """Sum of several state dicts per key."""
-    return _combine(states, lambda v: torch.stack(v).sum(0))
+    return _combine(states, sum_of)
 
 
 def mean(states: Sequence[Mapping[str, torch.Tensor]]) -> StateDict:

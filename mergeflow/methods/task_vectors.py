@@ -23,7 +23,7 @@ from pydantic import Field
 
 from mergeflow.methods.base import MethodParams, Sweep
 from mergeflow.order_stats import kth_smallest, per_task_order_statistics
-from mergeflow.statedict import mean_of
+from mergeflow.statedict import mean_of, sum_of
 
 Center = Literal["base", "average"]
 
@@ -114,10 +114,7 @@ def elect_and_merge(
     γ = sign(Σ_t τ_t) per entry (an exact tie of summed mass elects +); then the mean (or
     sum) over the tasks whose entry is nonzero and has sign γ. Accumulates task by task, so
     it holds a few tensors, not a (T, …) stack."""
-    elected = torch.zeros_like(task_vectors[0])
-    for tau in task_vectors:
-        elected.add_(tau)
-    elected = torch.where(elected < 0, -1.0, 1.0)
+    elected = torch.where(sum_of(task_vectors) < 0, -1.0, 1.0)
     merged = torch.zeros_like(elected)
     count = torch.zeros_like(elected)
     agrees = torch.empty_like(elected)  # one buffer: fresh temporaries per task cost page faults
