@@ -17,7 +17,10 @@ the medians of ``--repeats`` runs are printed with the ratios mergeflow / peer:
 Agreement: the largest entry-wise difference over the whole model relative to the peer's
 largest entry, and the share of entries that are equal. Inputs are kept in ``--workdir``
 (default ``.bench/peers``) and reused. Usage: ``python bench/peers.py [--size 156m|1b]
-[--repeats 3] [--only ta,ties,tsv_m,iso_c,grid] [--workdir DIR]``.
+[--repeats 3] [--only ta,ties,tsv_m,iso_c,grid] [--workdir DIR] [--cold-digests]``.
+mergeflow hashes its inputs for the output's model card and remembers each file's digest by
+its stat fingerprint; by default the first run hashes and the median is of remembered runs,
+``--cold-digests`` hashes in every run.
 """
 
 from __future__ import annotations
@@ -38,6 +41,9 @@ ROOT = Path(__file__).resolve().parent.parent
 MERGEKIT_VENV = ROOT / ".bench" / "mergekit-venv"
 MERGEKIT_PINS = ("torch==2.14.1", "mergekit==0.1.5")
 TASKS_LLAMA = 4
+# True: each mergeflow run hashes its inputs (a first merge of new checkpoints); False: their
+# digests are remembered from the first run (any later merge of the same files)
+COLD_DIGESTS = False
 TASKS_VIT = 8
 
 LLAMA_SIZES = {
@@ -106,14 +112,18 @@ def environment() -> dict[str, str]:
     return env
 
 
-def timed(command: list[str], log: Path) -> Timing:
-    """Run ``command`` under /usr/bin/time; its output goes to ``log``."""
+def timed(command: list[str], log: Path, cache_dir: Path | None = None) -> Timing:
+    """Run ``command`` under /usr/bin/time; its output goes to ``log``; ``cache_dir``:
+    mergeflow's ``MERGEFLOW_CACHE_DIR`` (where it remembers its inputs' digests)."""
+    env = environment()
+    if cache_dir is not None:
+        env["MERGEFLOW_CACHE_DIR"] = str(cache_dir)
     with tempfile.NamedTemporaryFile("r", suffix=".time") as stats, log.open("w") as out:
         done = subprocess.run(
             ["/usr/bin/time", "-f", "%e %U %S %M", "-o", stats.name, *command],
             stdout=out,
             stderr=subprocess.STDOUT,
-            env=environment(),
+            env=env,
             check=False,
         )
         if done.returncode:
@@ -143,7 +153,14 @@ def paired(ours: list[str], peer: list[str], outs: tuple[Path, Path], logs: Path
                 shutil.rmtree(out)
             else:
                 out.unlink(missing_ok=True)
-            runs[name].append(timed(command, logs / f"{name}-{repeat}.log"))
+            cache = None
+            if name == "ours":  # cold: a fresh cache, so every input is hashed again
+                cache = logs / f"cache-{repeat}" if COLD_DIGESTS else logs.parent / "cache"
+                if COLD_DIGESTS:
+                    shutil.rmtree(cache, ignore_errors=True)
+            runs[name].append(timed(command, logs / f"{name}-{repeat}.log", cache))
+            if cache is not None and COLD_DIGESTS:
+                shutil.rmtree(cache, ignore_errors=True)
     return median(runs["ours"]), median(runs["peer"])
 
 
@@ -382,6 +399,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--only", default="ta,ties,tsv_m,iso_c,grid")
     parser.add_argument("--workdir", type=Path, default=ROOT / ".bench" / "peers")
+    parser.add_argument(
+        "--cold-digests",
+        action="store_true",
+        help="mergeflow hashes its inputs in every run (default: remembered after the first)",
+    )
     parser.add_argument("--fusionbench", help=argparse.SUPPRESS)
     parser.add_argument("paths", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -392,6 +414,8 @@ def main() -> None:
 
     from grid import machine_line
 
+    global COLD_DIGESTS
+    COLD_DIGESTS = args.cold_digests
     cases = args.only.split(",")
     unknown = set(cases) - {*LLAMA_CASES, *VIT_CASES, "grid"}
     if unknown:
@@ -399,6 +423,8 @@ def main() -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     print(machine_line())
     print(f"medians of {args.repeats} paired whole-process runs; inputs in {args.workdir}")
+    hashing = "hashed in every run" if COLD_DIGESTS else "remembered after the first run"
+    print(f"mergeflow's input digests (sha256, for the model card): {hashing}")
     started = time.perf_counter()
     lines = []
     for case in cases:

@@ -27,6 +27,9 @@ class Family:
     """regexes of its linear weight matrices (attention projections, MLP layers)"""
     tables: tuple[str, ...] = ()
     """regexes of its vocabulary tables (token embeddings, tied output heads)"""
+    stacked: tuple[tuple[str, int], ...] = ()
+    """(regex, n) of matrices that are n linear maps stacked by rows (open_clip packs q, k
+    and v into one ``in_proj_weight``), for methods that treat each map on its own"""
 
     def is_matrix(self, key: str) -> bool:
         return any(re.search(p, key) for p in self.matrices)
@@ -41,6 +44,7 @@ FAMILIES: tuple[Family, ...] = (
             r"(^|\.)resblocks\.\d+\.mlp\.(c_fc|c_proj)\.weight$",
         ),
         (r"(^|\.)token_embedding\.weight$",),
+        ((r"(^|\.)resblocks\.\d+\.attn\.in_proj_weight$", 3),),
     ),
     Family(
         "Hugging Face CLIP",
@@ -104,6 +108,16 @@ def describe(keys: Iterable[str]) -> str:
     """The detected family names, or ``unrecognised``."""
     found = detect_families(keys)
     return " + ".join(f.name for f in found) if found else "unrecognised"
+
+
+def stacked_maps(key: str, shape: Sequence[int]) -> int:
+    """How many linear maps the matrix ``key`` stacks by rows (1 but for packed ones such
+    as open_clip's ``attn.in_proj_weight``, whose rows are q, k, v)."""
+    for family in FAMILIES:
+        for pattern, count in family.stacked:
+            if re.search(pattern, key) and len(shape) == 2 and shape[0] % count == 0:
+                return count
+    return 1
 
 
 def is_table(key: str) -> bool:

@@ -40,6 +40,7 @@ from mergeflow.outputs import (
     is_folder_output,
     layout_bytes,
 )
+from mergeflow.sources import source_digests
 from mergeflow.statedict import COMPUTE_DTYPE, Layout, StateDict, check_same_layout
 from mergeflow.storage import CheckpointCache
 from mergeflow.svd import resolve_device
@@ -338,13 +339,15 @@ def merge_files(
             progress=progress,
             out_dtype=torch.float32 if out_format == "lora" else None,
         )
+        sources = [r.source for r in [base_reader, *readers] if r is not None and r.source]
+        digests = dict(zip((s.uri for s in sources), source_digests(sources, cache), strict=True))
         recipe = Recipe(
             merge_method.name,
             parsed.model_dump(mode="json"),
-            (base_reader.source.uri, base_reader.source.digest(cache))
+            (base_reader.source.uri, digests[base_reader.source.uri])
             if base_reader is not None and base_reader.source is not None
             else None,
-            [(r.source.uri, r.source.digest(cache)) for r in readers if r.source is not None],
+            [(r.source.uri, digests[r.source.uri]) for r in readers if r.source is not None],
         )
         if out_format == "lora":
             merged = dict(merge.tensors())  # the delta's factors need every tensor at once
@@ -358,27 +361,8 @@ def merge_files(
                 "README.md",
             )
         else:
-            if is_folder_output(out):
-                writer = model_folder_writer(
-                    merge.layout,
-                    str(out),
-                    recipe,
-                    base_reader or readers[0],
-                    cache,
-                    shard_size,
-                    model_config,
-                    notes,
-                )
-            else:
-                writer = StreamedOutput(
-                    {str(out): aligned_order(list(merge.layout), merge.layout)},
-                    merge.layout,
-                    recipe.metadata(),
-                )
-            with writer:
-                for key, tensor in merge.tensors(writer.order()):
-                    writer.write(key, tensor)
-            files = tuple(writer.names) if isinstance(writer, ModelFolder) else ()
+            like = base_reader or readers[0]
+            files = write_model(merge, out, recipe, like, cache, shard_size, model_config, notes)
     return MergeReport(
         method=merge_method.name,
         params=parsed.model_dump(mode="json"),
@@ -390,6 +374,36 @@ def merge_files(
         files=files,
         notes=tuple(notes),
     )
+
+
+def write_model(
+    merge,
+    out: str | os.PathLike,
+    recipe: Recipe,
+    like: CheckpointReader,
+    cache: CheckpointCache,
+    shard_size: int | str = DEFAULT_SHARD_SIZE,
+    model_config: str | None = None,
+    notes: list[str] | None = None,
+) -> tuple[str, ...]:
+    """Stream ``merge`` (anything with a ``layout`` and ``tensors(order)``: a
+    :class:`StreamedMerge`, a continual merge's model) into ``out``: one safetensors file or
+    a model folder with ``like``'s companions; returns the folder's file names."""
+    notes = notes if notes is not None else []
+    if is_folder_output(out):
+        writer = model_folder_writer(
+            merge.layout, str(out), recipe, like, cache, shard_size, model_config, notes
+        )
+    else:
+        writer = StreamedOutput(
+            {str(out): aligned_order(list(merge.layout), merge.layout)},
+            merge.layout,
+            recipe.metadata(),
+        )
+    with writer:
+        for key, tensor in merge.tensors(writer.order()):
+            writer.write(key, tensor)
+    return tuple(writer.names) if isinstance(writer, ModelFolder) else ()
 
 
 def model_folder_writer(

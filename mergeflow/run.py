@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict
 from mergeflow.checkpoints import load_state_dict, open_checkpoint, open_checkpoints
 from mergeflow.errors import ParameterError
 from mergeflow.results import ResultStore
-from mergeflow.sources import resolve_checkpoint
+from mergeflow.sources import resolve_checkpoint, source_digests
 from mergeflow.spec import MergeSpec
 from mergeflow.statedict import StateDict
 from mergeflow.storage import CheckpointCache
@@ -50,11 +50,12 @@ def combine_digests(spec: MergeSpec, sources: Mapping[str, tuple[str, str]]) -> 
 
 def resolve_digests(spec: MergeSpec, cache: CheckpointCache) -> dict[str, str]:
     """:func:`combine_digests` of the spec's checkpoints, fetched through ``cache``."""
-    sources = {}
-    for uri in [spec.base] + [t.checkpoint for t in spec.tasks]:
-        source = resolve_checkpoint(uri, cache)
-        sources[uri] = (source.kind, source.digest(cache))
-    return combine_digests(spec, sources)
+    uris = [spec.base] + [t.checkpoint for t in spec.tasks]
+    sources = [resolve_checkpoint(uri, cache) for uri in uris]
+    digests = source_digests(sources, cache)
+    return combine_digests(
+        spec, {uri: (s.kind, d) for uri, s, d in zip(uris, sources, digests, strict=True)}
+    )
 
 
 class RunInputs(BaseModel):

@@ -28,7 +28,13 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from mergeflow.errors import CheckpointError
-from mergeflow.storage import CheckpointCache, LocalCopy, NotAFileError, is_remote
+from mergeflow.storage import (
+    CheckpointCache,
+    LocalCopy,
+    NotAFileError,
+    file_sha256s,
+    is_remote,
+)
 
 # What a model folder's weights may be called, in the order transformers looks for them
 # (single file before index), then open_clip's hub names.
@@ -284,6 +290,14 @@ def resolve_checkpoint(uri: str | os.PathLike, cache: CheckpointCache) -> Checkp
 
 def _rename(source: CheckpointSource, uri: str) -> CheckpointSource:
     return replace(source, uri=uri)
+
+
+def source_digests(sources: list[CheckpointSource], cache: CheckpointCache) -> list[str]:
+    """Each source's :meth:`~CheckpointSource.digest`, the local files among them hashed
+    in parallel first (see :func:`~mergeflow.storage.file_sha256s`)."""
+    unhashed = [c.path for s in sources for c in s.weight_files(cache) if c.sha256 is None]
+    file_sha256s(unhashed)  # remembered: digest() below reads them back
+    return [s.digest(cache) for s in sources]
 
 
 def checkpoint_digest(uri: str | os.PathLike, cache: CheckpointCache) -> str:

@@ -24,6 +24,7 @@ import posixpath
 import re
 import tempfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,18 +90,69 @@ def fingerprint(stat: os.stat_result) -> list[int]:
 
 # (path, fingerprint) → sha256: hashing a local checkpoint once per process, not per use
 _LOCAL_DIGESTS: dict[tuple, str] = {}
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-    memo_key = (os.path.realpath(path), *fingerprint(os.stat(path)))
+    """sha256 of the local file at ``path``, remembered by its :func:`fingerprint`.
+
+    A digest is kept in the process and, across runs, in ``digests/`` under
+    :func:`default_cache_dir` (git's index trusts a file's stat the same way): merging the
+    same 3 GiB of checkpoints again costs no 4 s of hashing. A file whose fingerprint
+    changed, by any write, ``utime``, ``chmod`` or rename, is read and hashed again.
+    """
+    real = os.path.realpath(path)
+    memo_key = (real, *fingerprint(os.stat(real)))
     if memo_key in _LOCAL_DIGESTS:
         return _LOCAL_DIGESTS[memo_key]
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK_BYTES):
-            digest.update(chunk)
-    _LOCAL_DIGESTS[memo_key] = digest.hexdigest()
-    return _LOCAL_DIGESTS[memo_key]
+    digest = _recalled_digest(memo_key)
+    if digest is None:
+        digest = _hash_file(real)
+        if (real, *fingerprint(os.stat(real))) == memo_key:  # not written to while hashed
+            _remember_digest(memo_key, digest)
+    _LOCAL_DIGESTS[memo_key] = digest
+    return digest
+
+
+def file_sha256s(paths: list[str | os.PathLike]) -> list[str]:
+    """:func:`file_sha256` of each path, hashed on up to one thread per core (hashlib
+    releases the GIL while it hashes, so 9 checkpoints take half the time on two cores)."""
+    if len(paths) < 2:
+        return [file_sha256(p) for p in paths]
+    with ThreadPoolExecutor(min(len(paths), os.cpu_count() or 1)) as pool:
+        return list(pool.map(file_sha256, paths))
+
+
+def _hash_file(path: str) -> str:
+    digest, buffer = hashlib.sha256(), bytearray(CHUNK_BYTES)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as f:
+        while size := f.readinto(buffer):
+            digest.update(view[:size])
+    return digest.hexdigest()
+
+
+def _memo_file(memo_key: tuple) -> Path:
+    name = hashlib.sha256(json.dumps(memo_key).encode()).hexdigest()
+    return default_cache_dir() / "digests" / name[:2] / name
+
+
+def _recalled_digest(memo_key: tuple) -> str | None:
+    try:
+        memo = json.loads(_memo_file(memo_key).read_text())
+        if memo["file"] == list(memo_key) and _SHA256.match(memo["sha256"]):
+            return memo["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # no memo, or one this version cannot read: hash the file
+    return None
+
+
+def _remember_digest(memo_key: tuple, digest: str) -> None:
+    try:
+        body = json.dumps({"file": list(memo_key), "sha256": digest}).encode()
+        atomic_write_bytes(_memo_file(memo_key), body)
+    except OSError as exc:  # a read-only cache only costs hashing again next run
+        log.debug("cannot remember the digest of %s: %s", memo_key[0], exc)
 
 
 @dataclass(frozen=True)

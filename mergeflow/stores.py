@@ -4,7 +4,8 @@
 variable                   default                                     what lives there
 =========================  ==========================================  =====================
 ``MERGEFLOW_CACHE_DIR``    ``$XDG_CACHE_HOME/mergeflow`` or            fetched checkpoints,
-                           ``~/.cache/mergeflow``                      prepared images,
+                           ``~/.cache/mergeflow``                      local files' digests,
+                                                                       prepared images,
                                                                        reports' charts
 ``MERGEFLOW_RESULT_STORE`` the cache folder                            factors, indexes,
                                                                        merges, scores

@@ -16,6 +16,19 @@ import torch
 # and every later Prefect log line would fail to write (an order dependence).
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _own_cache_dir(tmp_path_factory):
+    """A session's own MERGEFLOW_CACHE_DIR (fetched checkpoints, remembered digests), so a
+    test run never reads or fills the user's ~/.cache/mergeflow."""
+    saved = os.environ.get("MERGEFLOW_CACHE_DIR")
+    os.environ["MERGEFLOW_CACHE_DIR"] = str(tmp_path_factory.mktemp("mergeflow-cache"))
+    yield
+    if saved is None:
+        os.environ.pop("MERGEFLOW_CACHE_DIR", None)
+    else:
+        os.environ["MERGEFLOW_CACHE_DIR"] = saved
+
+
 def tiny_tower_state(seed: int = 0, width: int = 32, layers: int = 2) -> dict[str, torch.Tensor]:
     """The state dict of a real (tiny) open_clip VisionTransformer, with CLIP's ``visual.``
     prefix, so parameter names are exactly open_clip's."""
@@ -65,6 +78,32 @@ def finetune_like(base: dict[str, torch.Tensor], num_tasks: int, seed: int = 1, 
             model[key] = (value.float() + delta).to(value.dtype)
         models.append(model)
     return models
+
+
+def fold_all(method, base, finetuned, folder, params=None):
+    """The continual ``method``'s record after folding the state dicts ``finetuned`` in
+    order over ``base``, each running vector in its own file under ``folder``; and the
+    reader of the last one."""
+    from mergeflow.checkpoints import SafetensorsReader, StateDictReader
+    from mergeflow.continual import Arrival, fold_in, start_record
+
+    record = start_record(method, params, Arrival(uri="base", sha256="0" * 64))
+    base_reader, running = StateDictReader(base, "base"), None
+    for t, state in enumerate(finetuned):
+        arrival = Arrival(uri=f"task{t}", sha256=f"{t + 1:064x}", task=f"task{t}")
+        out = str(folder / f"running-{t}.safetensors")
+        record = fold_in(record, base_reader, StateDictReader(state, f"task{t}"), arrival, out,
+                         running)  # fmt: skip
+        running = SafetensorsReader(record.running)
+    return record, running
+
+
+def merged_by(record, base, running):
+    """The merged model a continual record stands for, as a state dict."""
+    from mergeflow.checkpoints import StateDictReader
+    from mergeflow.continual import ContinualModel
+
+    return dict(ContinualModel(record, StateDictReader(base, "base"), running).tensors())
 
 
 def run_of(spec, cache_dir):

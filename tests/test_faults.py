@@ -437,6 +437,41 @@ class TestS3Faults:
         assert not again.from_cache
         assert file_sha256(again.path) == first.sha256
 
+    def test_a_local_digest_is_remembered_across_runs_until_the_file_changes(
+        self, tmp_path, monkeypatch
+    ):
+        import hashlib
+
+        from mergeflow import storage
+
+        monkeypatch.setenv("MERGEFLOW_CACHE_DIR", str(tmp_path / "cache"))
+        hashed = []
+        real_hash = storage._hash_file
+        monkeypatch.setattr(storage, "_hash_file", lambda p: hashed.append(p) or real_hash(p))
+        files = [tmp_path / f"w{i}.bin" for i in range(3)]
+        for i, f in enumerate(files):
+            f.write_bytes(os.urandom(1000 + i))
+        truth = [hashlib.sha256(f.read_bytes()).hexdigest() for f in files]
+        assert storage.file_sha256s(files) == truth and len(hashed) == 3
+        storage._LOCAL_DIGESTS.clear()  # as a new process would start
+        assert storage.file_sha256s(files) == truth and len(hashed) == 3  # read back, not hashed
+        before = files[0].stat()
+        data = bytearray(files[0].read_bytes())
+        data[0] ^= 0xFF  # same size, and the mtime put back: only ctime tells
+        files[0].write_bytes(bytes(data))
+        os.utime(files[0], ns=(before.st_atime_ns, before.st_mtime_ns))
+        storage._LOCAL_DIGESTS.clear()
+        changed = hashlib.sha256(bytes(data)).hexdigest()
+        assert storage.file_sha256(files[0]) == changed != truth[0] and len(hashed) == 4
+        for memo in (tmp_path / "cache" / "digests").rglob("*"):
+            if memo.is_file():
+                memo.write_text("{not json")  # a damaged memo is not trusted: hashed again
+        storage._LOCAL_DIGESTS.clear()
+        assert storage.file_sha256(files[1]) == truth[1] and len(hashed) == 5
+        monkeypatch.setenv("MERGEFLOW_CACHE_DIR", str(files[2]))  # a file: nothing writable
+        storage._LOCAL_DIGESTS.clear()
+        assert storage.file_sha256(files[2]) == truth[2] and len(hashed) == 6
+
     def test_two_runs_sharing_one_cache_at_once(self, bucket, tmp_path):
         uri = f"s3://{bucket}/shared.safetensors"
         save_state_dict({"w": torch.randn(2048, 1024)}, uri)  # 8 MiB

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import finetune_like, tiny_tower_state
+from conftest import finetune_like, fold_all, merged_by, tiny_tower_state
 
 from mergeflow.checkpoints import StateDictReader
 from mergeflow.merge import merge_readers
@@ -97,3 +97,102 @@ def test_tall_masks_agree_with_fusion_bench(models, task):
     reference = add(base, ties_merging_utils.vector_to_state_dict(retrieved, base))
     merged = ours("tall_masks", base, finetuned, task=task, mask_lambda=0.4)
     assert_same(merged, reference, atol=1e-5)
+
+
+def fusion_bench_opcm():
+    """fusion_bench's general OPCM class. The package ``fusion_bench.method.opcm`` cannot be
+    imported under transformers 5 (its ``__init__`` pulls in a task pool that imports a
+    removed CLIP class), so its module is loaded beneath a bare package entry instead."""
+    import importlib
+    import sys
+    import types
+    from pathlib import Path
+
+    import fusion_bench.method
+
+    name = "fusion_bench.method.opcm"
+    if name not in sys.modules:
+        package = types.ModuleType(name)
+        package.__path__ = [str(Path(fusion_bench.method.__file__).parent / "opcm")]
+        sys.modules[name] = package
+    return importlib.import_module(f"{name}.opcm_general").OPCM
+
+
+@pytest.fixture(scope="module")
+def hf_clip_stream():
+    """A tiny Hugging Face CLIPVisionModel (the model fusion_bench's OPCM is written for)
+    and four fine-tuned copies, as modules and as state dicts."""
+    from formats import hf_clip_config, quiet_transformers
+    from transformers import CLIPVisionModel
+
+    quiet_transformers()
+    config = hf_clip_config().vision_config
+    torch.manual_seed(11)
+    base = CLIPVisionModel(config).eval()
+    base_state = {k: v.detach().clone() for k, v in base.state_dict().items()}
+    tuned_states = finetune_like(base_state, num_tasks=4, seed=13)
+    tuned = []
+    for state in tuned_states:
+        model = CLIPVisionModel(config).eval()
+        model.load_state_dict(state)
+        tuned.append(model)
+    return base, tuned, base_state, tuned_states
+
+
+def model_pool(base, tuned):
+    """A fusion_bench pool of copies: its continual methods change the first model in place."""
+    import copy
+
+    from fusion_bench import BaseModelPool
+
+    models = {"_pretrained_": base, **{f"task{i}": m for i, m in enumerate(tuned)}}
+    return BaseModelPool({name: copy.deepcopy(m) for name, m in models.items()})
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_opcm_agrees_with_fusion_bench(hf_clip_stream):
+    base, tuned, base_state, tuned_states = hf_clip_stream
+    pool = model_pool(base, tuned)
+    algorithm = fusion_bench_opcm()(
+        alpha=0.5, shuffle_order=False, save_on_every_step=False, evaluate_on_every_step=False
+    )
+    reference = algorithm.run(pool).state_dict()
+    parity = ours("opcm", base_state, tuned_states, alpha=0.5, fusion_bench_parity=True)
+    assert_same(parity, reference, atol=2e-5)
+    # without the parity mode class_embedding is merged like any other tensor: it differs,
+    # and so does every tensor a little (the merged vector's norm includes it)
+    merged = ours("opcm", base_state, tuned_states, alpha=0.5)
+    key = "embeddings.class_embedding"
+    assert not torch.allclose(merged[key], reference[key], atol=1e-3)
+    assert not torch.allclose(merged[key], parity[key], atol=1e-3)
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_continual_ties_agrees_with_fusion_bench(hf_clip_stream, tmp_path, monkeypatch):
+    import importlib
+    import sys
+    import types
+
+    fusion_bench_opcm()  # the bare package entry
+    # its module imports a task pool only to name a type (the import fails under
+    # transformers 5); the class runs without one
+    stand_in = types.ModuleType("fusion_bench.taskpool")
+    stand_in.CLIPVisionModelTaskPool = object
+    monkeypatch.setitem(sys.modules, "fusion_bench.taskpool", stand_in)
+    module = importlib.import_module("fusion_bench.method.opcm.ties_merging")
+    base, tuned, base_state, tuned_states = hf_clip_stream
+    algorithm = module.ContinualTiesMergingForCLIP(
+        scaling_factor=0.5,
+        threshold=20,
+        merge_func="sum",
+        shuffle_order=False,
+        save_on_every_step=False,
+        evaluate_on_every_step=False,
+    )
+    algorithm._program = types.SimpleNamespace(taskpool=types.SimpleNamespace(_test_datasets={}))
+    pool = model_pool(base, tuned)
+    reference = algorithm.run(pool).state_dict()
+    record, running = fold_all(
+        "ties", base_state, tuned_states, tmp_path, {"density": 0.2, "scale": 0.5}
+    )
+    assert_same(merged_by(record, base_state, running), reference, atol=1e-6)

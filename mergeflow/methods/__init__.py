@@ -10,6 +10,7 @@ from mergeflow.methods import (
     consensus,
     dare,
     iso,
+    opcm,
     pcb,
     task_arithmetic,
     ties,
@@ -30,6 +31,7 @@ METHODS: dict[str, MergeMethod] = {
         pcb.METHOD,
         cart.METHOD,
         cart_indexed.METHOD,
+        opcm.METHOD,
     )
 }
 
