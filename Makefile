@@ -12,7 +12,7 @@ export AWS_EC2_METADATA_DISABLED := true
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup test test-all lint format demo bench bench-memory bench-factorize bench-peers mutation deploy lock clean
+.PHONY: setup test test-all lint format demo bench bench-memory bench-factorize bench-core-space bench-peers mutation deploy lock clean
 
 setup: $(STAMP)
 
@@ -60,6 +60,10 @@ bench-memory: setup
 bench-factorize: setup
 	$(PY) bench/factorize.py
 
+# Core Space against the full-space merge of the same LoRA adapters (Llama shape, T = 8)
+bench-core-space: setup
+	$(PY) bench/core_space.py
+
 # mergeflow beside mergekit (in a venv of its own under .bench/) and FusionBench, paired;
 # PEERS_ARGS passes options, e.g. PEERS_ARGS="--size 1b --repeats 1".
 bench-peers: setup
@@ -74,10 +78,11 @@ mutation: setup
 
 # Work pools (cpu, gpu), the gpu tag limit and every deployment of prefect.yaml, on the
 # Prefect server at PREFECT_API_URL. GPUS=2 for two GPUs; NIGHTLY_SPEC=spec.yaml for the
-# scheduled run's spec.
+# scheduled run's spec; ARRIVALS_SPEC=arrivals.yaml for merge-arrivals' stream.
 GPUS ?= 1
 deploy: setup
-	$(PY) infra/setup_prefect.py --gpus $(GPUS) $(if $(NIGHTLY_SPEC),--nightly-spec $(NIGHTLY_SPEC))
+	$(PY) infra/setup_prefect.py --gpus $(GPUS) $(if $(NIGHTLY_SPEC),--nightly-spec $(NIGHTLY_SPEC)) \
+		$(if $(ARRIVALS_SPEC),--arrivals-spec $(ARRIVALS_SPEC))
 
 lock: setup
 	( echo "# Exact versions of the whole stack, from 'make lock' (pip freeze of a working .venv)."; \

@@ -68,6 +68,8 @@ DEMO_FAMILIES = [
     {"method": "iso_cts", "search": {"scale": [0.5, 1.0, 1.5]}},
     {"method": "consensus", "search": {"scale": [0.2, 0.3, 0.5]}},
     {"method": "pcb", "search": {"scale": [0.5, 1.0, 1.5]}},
+    # the checkpoints in the zoo's task order, as if arriving one at a time
+    {"method": "opcm", "search": {"alpha": [0.3, 0.5, 0.7]}},
 ]
 # data-aware methods adapt on the validation images (never their labels); the adaptations
 # keep each task's predictions diverse, without which they lose accuracy on this zoo (shown
@@ -97,6 +99,47 @@ DEMO_BASELINES = [
         "params": {**ADAPTATION, "init": 1.5, "diversity": 0.0},
     },
 ]
+
+
+CONTINUAL_METHODS = ("opcm", "average", "task_arithmetic", "ties")
+
+
+def continual_curve(manifest: dict, prefix: str, cache_dir: Path) -> list[dict]:
+    """The zoo's checkpoints arriving one at a time, in the zoo's task order: each
+    continual method's accuracy on the tasks seen so far after each arrival."""
+    from mergeflow.arrivals import accuracy_after_each_arrival
+    from mergeflow.continual import Arrival
+    from mergeflow.run import RunInputs
+    from zoo.zoo import arrivals_spec, zoo_spec
+
+    digests = RunInputs.resolve(zoo_spec(manifest, prefix, MODEL_NAME), str(cache_dir)).digests
+    base = Arrival(uri=f"{prefix}/base.safetensors", sha256=digests[f"{prefix}/base.safetensors"])
+    landed = [
+        Arrival(uri=uri, sha256=digests[uri], task=t["name"])
+        for t in manifest["tasks"]
+        for uri in [f"{prefix}/checkpoints/{t['name']}.safetensors"]
+    ]
+    rows = []
+    for method in CONTINUAL_METHODS:
+        spec = arrivals_spec(manifest, prefix, f"{prefix}/checkpoints/",
+                             f"{MODEL_NAME}-{method}", method=method)  # fmt: skip
+        rows += accuracy_after_each_arrival(spec, base, landed, str(cache_dir))
+    return rows
+
+
+def continual_table(rows: list[dict]) -> str:
+    steps = sorted({r["arrivals"] for r in rows})
+    tasks = {r["arrivals"]: r["task"] for r in rows}
+    lines = [
+        "continual merging, the zoo's checkpoints arriving in order: normalized accuracy (%) "
+        "on the tasks seen so far",
+        f"{'method':16s}" + "".join(f"{f'+{tasks[t]}':>10s}" for t in steps),
+    ]
+    for method in dict.fromkeys(r["method"] for r in rows):
+        by_step = {r["arrivals"]: r for r in rows if r["method"] == method}
+        cells = "".join(f"{100 * by_step[t]['mean_normalized']:10.1f}" for t in steps)
+        lines.append(f"{method:16s}{cells}")
+    return "\n".join(lines)
 
 
 def _score_champion(spec, cache_dir: Path) -> dict:
@@ -160,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
 
         result = merge_pipeline(spec, cache_dir=str(demo_dir / "cache"))
         champion = _score_champion(spec, demo_dir / "cache")
+        curve = continual_curve(manifest, prefix, demo_dir / "cache")
     finally:
         server.stop()
 
@@ -178,6 +222,11 @@ def main(argv: list[str] | None = None) -> int:
         f"(what `mergeflow score-model` does): report mean accuracy "
         f"{100 * champion['mean_accuracy']:.1f}"
     )
+    from mergeflow.charts import accuracy_after_arrivals
+
+    print()
+    print(continual_table(curve))
+    print(f"chart: {accuracy_after_arrivals(curve, demo_dir / 'continual.png')}")
     print(f"demo took {time.perf_counter() - started:.0f} s")
     print()
     print("Open the UIs on these stores:")

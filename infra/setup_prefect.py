@@ -12,7 +12,9 @@ deploy every flow of ../prefect.yaml. Safe to run again: what exists is updated.
 - variable ``mergeflow-nightly-spec`` from ``--nightly-spec FILE`` (the scheduled run reads
   it at run time), when given. A spec longer than a Prefect variable holds (5,000
   characters) is stored as an object under ``--spec-store`` (default
-  ``$MERGEFLOW_RESULT_STORE``), at ``specs/SHA256.yaml``, and the variable names it.
+  ``$MERGEFLOW_RESULT_STORE``), at ``specs/SHA256.yaml``, and the variable names it;
+- variable ``mergeflow-arrivals-spec`` from ``--arrivals-spec FILE`` the same way (what the
+  ``merge-arrivals`` deployment takes in, hourly and on ``mergeflow.checkpoint.landed``).
 
 Any failure ends in one line on stderr and exit status 2, never a traceback.
 """
@@ -67,23 +69,40 @@ VARIABLE_LIMIT = 5000
 
 
 def set_nightly_spec(path: str, store: str | None) -> str:
-    """Put the spec at ``path`` where the scheduled run reads it: in the variable, or as an
-    object under ``store`` with the variable naming it. Returns where it went."""
+    """Put the merge spec at ``path`` where the scheduled run reads it (see
+    :func:`set_spec_variable`)."""
+    from flows.scheduled import SPEC_VARIABLE
+    from mergeflow.spec import MergeSpec
+
+    MergeSpec.from_yaml(path)  # refuse a bad spec here, not at 2 a.m.
+    return set_spec_variable(SPEC_VARIABLE, path, store)
+
+
+def set_arrivals_spec(path: str, store: str | None) -> str:
+    """Put the arrivals spec at ``path`` where the merge-arrivals runs read it."""
+    from flows.arrivals import SPEC_VARIABLE
+    from mergeflow.arrivals import ArrivalsSpec
+
+    ArrivalsSpec.load(path)
+    return set_spec_variable(SPEC_VARIABLE, path, store)
+
+
+def set_spec_variable(variable: str, path: str, store: str | None) -> str:
+    """The spec file at ``path`` in the Prefect variable ``variable``, or, when longer than
+    a variable holds, as an object under ``store`` with the variable naming it. Returns
+    where it went."""
     import hashlib
 
     import yaml
     from prefect.variables import Variable
 
-    from flows.scheduled import SPEC_VARIABLE
     from mergeflow.errors import ParameterError
-    from mergeflow.spec import MergeSpec
     from mergeflow.storage import filesystem
 
-    MergeSpec.from_yaml(path)  # refuse a bad spec here, not at 2 a.m.
     text = Path(path).read_text()
     if len(text) <= VARIABLE_LIMIT:
-        Variable.set(SPEC_VARIABLE, text, overwrite=True)
-        return f"variable {SPEC_VARIABLE}"
+        Variable.set(variable, text, overwrite=True)
+        return f"variable {variable}"
     if not store:
         raise ParameterError(
             f"{path}: {len(text)} characters, more than a Prefect variable holds "
@@ -95,8 +114,8 @@ def set_nightly_spec(path: str, store: str | None) -> str:
     fs.makedirs(object_path.rsplit("/", 1)[0], exist_ok=True)
     with fs.open(object_path, "w") as f:
         f.write(text)
-    Variable.set(SPEC_VARIABLE, yaml.safe_dump({"spec_uri": uri}), overwrite=True)
-    return f"{uri} (named by variable {SPEC_VARIABLE})"
+    Variable.set(variable, yaml.safe_dump({"spec_uri": uri}), overwrite=True)
+    return f"{uri} (named by variable {variable})"
 
 
 def deploy(names: list[str] | None) -> None:
@@ -111,10 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--gpus", type=int, default=1, help="GPUs in the gpu pool (default 1)")
     parser.add_argument("--nightly-spec", help="YAML spec the scheduled deployment runs")
+    parser.add_argument("--arrivals-spec", help="YAML arrivals spec merge-arrivals runs")
     parser.add_argument(
         "--spec-store",
         default=os.environ.get("MERGEFLOW_RESULT_STORE"),
-        help="where a nightly spec too long for a Prefect variable is stored "
+        help="where a spec too long for a Prefect variable is stored "
         "(default: $MERGEFLOW_RESULT_STORE)",
     )
     parser.add_argument(
@@ -155,6 +175,8 @@ def set_up(args: argparse.Namespace) -> None:
         ensure_gpu_task_limit(client, args.gpus)
     if args.nightly_spec:
         print(f"nightly spec: {set_nightly_spec(args.nightly_spec, args.spec_store)}")
+    if args.arrivals_spec:
+        print(f"arrivals spec: {set_arrivals_spec(args.arrivals_spec, args.spec_store)}")
     if not args.no_deploy:
         deploy(args.deployment)
     api = os.environ["PREFECT_API_URL"]

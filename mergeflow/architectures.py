@@ -110,6 +110,21 @@ def describe(keys: Iterable[str]) -> str:
     return " + ".join(f.name for f in found) if found else "unrecognised"
 
 
+# the containers transformer blocks are numbered in: open_clip's resblocks, transformers'
+# layers / layer / block / h (GPT-2), timm's blocks
+LAYER = re.compile(
+    r"^(?P<stack>(?:.*?\.)?(?:resblocks|layers|layer|block|blocks|h))\.(?P<index>\d+)\."
+)
+
+
+def layer_of(key: str) -> tuple[str, int] | None:
+    """(the stack, the layer index) of a key inside a numbered transformer block, e.g.
+    ``('model.layers', 3)`` for ``model.layers.3.mlp.up_proj.weight``; None for the
+    others (embeddings, final norms, heads)."""
+    match = LAYER.match(key)
+    return (match["stack"], int(match["index"])) if match else None
+
+
 def stacked_maps(key: str, shape: Sequence[int]) -> int:
     """How many linear maps the matrix ``key`` stacks by rows (1 but for packed ones such
     as open_clip's ``attn.in_proj_weight``, whose rows are q, k, v)."""

@@ -15,6 +15,7 @@ type               weights                                          report kind
 ``FixedMethod``    a registered data-free method, streamed per key  data-free
 ``PerTask``        a per-task method, one model per task            per-task
 ``DataAware``      a method that adapts on unlabeled samples        data-aware
+``Continual``      a continual merge's state after its arrivals     data-free
 =================  ===============================================  ===============
 
 They are pydantic models so they cross Prefect task boundaries as parameters;
@@ -283,6 +284,43 @@ class DataAware(FixedMethod):
         save_state_dict(state, uri, metadata)
 
 
+class Continual(Candidate):
+    """The model a continual merge stands for after some arrivals: θ_0 + c · R, read from
+    the state ``state_key`` (a content key, :func:`mergeflow.arrivals.state_key`) in the result
+    store, where folding the arrivals in put it."""
+
+    kind: Literal["continual"] = "continual"
+    name: str = Field(description="the continual method")
+    params: dict[str, Any] = Field(default_factory=dict)
+    state_key: str = Field(description="the state's content key")
+
+    @property
+    def method(self) -> str:
+        return f"continual {self.name}"
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return self.params
+
+    def key(self, run: Run, task: str | None = None) -> str:
+        return content_key("model/2", "continual", self.state_key)
+
+    def weights(self, run: Run, task: str | None = None) -> StateDict:
+        from mergeflow.arrivals import open_state, read_state
+        from mergeflow.checkpoints import open_checkpoint
+        from mergeflow.continual import ContinualModel
+
+        record = read_state(run.store, self.state_key)
+        if record is None:
+            raise ParameterError(
+                f"{self.label}: no continual state {self.state_key} in {run.store.root}: fold "
+                "the arrivals in first"
+            )
+        with open_checkpoint(run.spec.base, run.cache) as base, open_state(record, run.cache) as r:
+            return dict(ContinualModel(record, base, r).tensors())
+
+
 AnyCandidate = Annotated[
-    Reference | CartPoint | FixedMethod | PerTask | DataAware, Field(discriminator="kind")
+    Reference | CartPoint | FixedMethod | PerTask | DataAware | Continual,
+    Field(discriminator="kind"),
 ]

@@ -59,6 +59,24 @@ def accuracy_vs_rank(grid: Sequence[Mapping], path: str | Path) -> Path:
     return _save(plt, figure, path)
 
 
+def accuracy_after_arrivals(rows: Sequence[Mapping], path: str | Path) -> Path:
+    """Mean normalized accuracy on the tasks seen so far against the number of arrivals,
+    one line per continual method. ``rows``: ``{method, arrivals, mean_normalized}``."""
+    plt = _pyplot()
+    figure, ax = plt.subplots(figsize=(6.0, 3.8))
+    for method in dict.fromkeys(r["method"] for r in rows):
+        points = sorted((r for r in rows if r["method"] == method), key=lambda r: r["arrivals"])
+        ax.plot([r["arrivals"] for r in points], [100 * r["mean_normalized"] for r in points],
+                marker="o", label=method)  # fmt: skip
+    ax.set_xlabel("checkpoints arrived (tasks seen)")
+    ax.set_ylabel("normalized accuracy, tasks seen (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    ax.set_title("continual merging: accuracy after each arrival")
+    figure.tight_layout()
+    return _save(plt, figure, path)
+
+
 DPI = 110
 MAX_WIDTH_PX = 2000
 # labels longer than this are cut (with an ellipsis) so the figure keeps its width

@@ -89,6 +89,11 @@ class CheckpointReader(ABC):
     def keys(self) -> list[str]:
         return list(self.layout())
 
+    def low_rank_factors(self, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(B, A) with the task vector of ``key`` equal to B A (float32), for readers whose
+        weights are a base plus low-rank factors (LoRA adapters); None for the others."""
+        return None
+
     def metadata(self) -> dict[str, str]:
         return {}
 

@@ -61,13 +61,20 @@ def build_parser() -> argparse.ArgumentParser:
         "a model folder (shards, index, config and tokenizer files from the base's folder, "
         "a model card); --out-format lora --rank R a PEFT adapter of the merged delta.",
     )
-    merge.add_argument("--method", required=True, help="merge method (see `mergeflow methods`)")
+    merge.add_argument("--method", help="merge method (see `mergeflow methods`)")
+    merge.add_argument(
+        "--config",
+        metavar="MERGE_YML",
+        help="instead of --method, --base, --finetuned and --param: a mergekit merge config "
+        "(merge_method task_arithmetic, ties, linear or passthrough; models, slices, "
+        "parameters), run with mergeflow's methods",
+    )
     merge.add_argument(
         "--base",
         help="the pre-trained checkpoint they share (needed by task-vector methods, unless "
         "they run with center=average)",
     )
-    merge.add_argument("--finetuned", required=True, nargs="+", metavar="CKPT")
+    merge.add_argument("--finetuned", nargs="+", metavar="CKPT")
     _add_param_option(merge, "a method parameter, repeatable (e.g. rank_ratio=0.12, scale=1.0)")
     merge.add_argument(
         "--out", required=True, help="x.safetensors (one file) or a folder (a model folder)"
@@ -161,6 +168,17 @@ def build_parser() -> argparse.ArgumentParser:
         "cluster of MERGEFLOW_DASK_WORKERS processes (default 2)",
     )
 
+    arrivals = commands.add_parser(
+        "arrivals",
+        help="take in the checkpoints that landed under a prefix since the last run (Prefect flow)",
+        description="List the arrivals spec's prefix, fold each checkpoint not taken in yet "
+        "into the running merge (mode: continual) or merge all again (mode: full), score it "
+        "on every task seen so far and register it as challenger (champion moves through the "
+        "gate). Runs the Prefect flow 'merge-arrivals'; a run with nothing new does nothing.",
+    )
+    arrivals.add_argument("spec", help="arrivals spec, a YAML file")
+    arrivals.add_argument("--cache-dir", help="local cache (default: ~/.cache/mergeflow)")
+
     doctor = commands.add_parser(
         "doctor",
         help="check that the stores are reachable and writable and the stack is as pinned",
@@ -207,11 +225,22 @@ def _run_merge(args: argparse.Namespace) -> int:
     from mergeflow.merge import merge_files
     from mergeflow.storage import CheckpointCache
 
-    params = _params(args.param)
+    method, base, finetuned, params = args.method, args.base, args.finetuned, _params(args.param)
+    if args.config:
+        from mergeflow.mergekit_config import read_config
+
+        if method or finetuned or params or base:
+            raise MergeflowError("--config holds the method, models and parameters: give it alone")
+        merge = read_config(args.config)
+        method, base, finetuned, params = merge.method, merge.base, merge.finetuned, merge.params
+        for note in merge.notes:
+            print(f"note: {note}", file=sys.stderr)
+    elif not method or not finetuned:
+        raise MergeflowError("give --method and --finetuned (or a mergekit --config)")
     report = merge_files(
-        method=args.method,
-        base=args.base,
-        finetuned=args.finetuned,
+        method=method,
+        base=base,
+        finetuned=finetuned,
         params=params,
         out=args.out,
         device=args.device,
@@ -227,7 +256,7 @@ def _run_merge(args: argparse.Namespace) -> int:
     ]
     described = " ".join([report.method] + [f"{k}={report.params[k]}" for k in shown])
     print(
-        f"wrote {report.out}: {described} merge of {len(args.finetuned)} checkpoints, "
+        f"wrote {report.out}: {described} merge of {len(finetuned)} checkpoints, "
         f"{report.num_tensors} tensors ({report.counts.describe()}), "
         f"{report.num_bytes / 2**20:.1f} MiB, {report.seconds:.1f} s"
     )
@@ -267,6 +296,18 @@ def _run_pipeline(args: argparse.Namespace) -> int:
 
     result = _runner("pipeline")(args.spec, args.cache_dir, dask=args.dask)
     print(report.json_document(result) if args.json else report.text(result))
+    return 0
+
+
+def _run_arrivals(args: argparse.Namespace) -> int:
+    import json
+
+    from mergeflow.arrivals import ArrivalsSpec
+
+    ArrivalsSpec.load(args.spec)  # a bad spec fails before any orchestration starts
+    result = _runner("arrivals")(args.spec, args.cache_dir)
+    shown = {k: result.get(k) for k in ("new", "taken_in", "scores", "version")}
+    print(json.dumps(shown, indent=2))
     return 0
 
 
@@ -354,6 +395,7 @@ def _run_rebuild(args: argparse.Namespace) -> int:
 
 
 def _run_methods() -> int:
+    from mergeflow.continual import CONTINUAL
     from mergeflow.data_aware import DATA_AWARE
     from mergeflow.methods import METHODS
 
@@ -362,6 +404,10 @@ def _run_methods() -> int:
         print(f"{name:18s} {method.summary}{needs}")
         print(f"{'':18s} params: {method.describe_params()}")
         print(f"{'':18s} {method.reference}")
+    print("\ncontinual methods (an arrivals spec's method, mode: continual):")
+    for name, method in sorted(CONTINUAL.items()):
+        print(f"{name:18s} {method.summary}")
+        print(f"{'':18s} params: {method.describe_params()}")
     return 0
 
 
@@ -376,6 +422,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run_merge(args)
         if args.command == "run":
             return _run_pipeline(args)
+        if args.command == "arrivals":
+            return _run_arrivals(args)
         if args.command == "doctor":
             return _run_doctor(args)
         if args.command == "score-model":

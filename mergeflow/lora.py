@@ -92,6 +92,14 @@ class LoraAdapter:
     def rank(self, key: str) -> int:
         return self.factors.layout()[self.targets[key].a_key][0][0]
 
+    def factors_of(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B', A') with ΔW = B' A' in the base weight's orientation, float32: the scale
+        folded into B (and both transposed and swapped for fan_in_fan_out layers)."""
+        target = self.targets[key]
+        a = self.factors.get(target.a_key).to(torch.float32)
+        b = self.factors.get(target.b_key).to(torch.float32) * target.scale
+        return (a.T.contiguous(), b.T.contiguous()) if target.transposed else (b, a)
+
     def delta(self, key: str) -> torch.Tensor:
         """ΔW of the module whose base weight is ``key``, float32 (out × in, or in × out
         for fan_in_fan_out layers, the base weight's own orientation)."""
@@ -209,6 +217,9 @@ class LoraReader(CheckpointReader):
         if key not in self.adapter.targets:
             return self.base.get(key)
         return self.base.get(key).to(torch.float32).add_(self.adapter.delta(key))
+
+    def low_rank_factors(self, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return self.adapter.factors_of(key) if key in self.adapter.targets else None
 
     def close(self) -> None:
         self.adapter.factors.close()

@@ -130,6 +130,11 @@ def start_merge(
         raise ParameterError("no fine-tuned checkpoints given")
     if method.needs_base(parsed) and base is None:
         raise ParameterError(f"method {method.name!r} needs a base checkpoint")
+    if method.merge_factors is not None and len(lora_adapters(finetuned)) != len(finetuned):
+        plain = next(r.name for r in finetuned if not hasattr(r, "adapter"))
+        raise ParameterError(
+            f"method {method.name!r} merges LoRA adapters as factors: {plain} is not a PEFT adapter"
+        )
     layout = common_layout(finetuned)
     base_only = check_base_layout(layout, base, finetuned[0].name) if base is not None else {}
     if isinstance(parsed, LowRankSelection) and not any(
@@ -211,7 +216,10 @@ class StreamedMerge:
         return tensors, base
 
     def prepare(self) -> None:
-        """The method's statistics passes over the checkpoints (methods with ``prepare``)."""
+        """The method's statistics passes over the checkpoints (methods with ``prepare``),
+        or its plan from the layout alone (``plan``)."""
+        if self.method.plan is not None:
+            self._context = self.method.plan(self._inputs, self.params)
         if self.method.prepare is None:
             return
         floating = [k for k, (_, dtype) in self._inputs.items() if dtype.is_floating_point]
@@ -265,7 +273,7 @@ class StreamedMerge:
             ):
                 merged = tensors[0]  # no task changed these entries: every method's fixed point
             else:
-                merged = self.method.merge_tensor(key, tensors, base, self.params, self._context)
+                merged = self._merge(key, tensors, base)
                 changed = True
             if out is None:
                 out = merged.to(target).cpu()
@@ -278,6 +286,14 @@ class StreamedMerge:
         else:
             self.counts.element_wise += 1
         return out
+
+    def _merge(self, key: str, tensors, base):
+        if self.method.merge_factors is not None:
+            factors = [r.low_rank_factors(key) for r in self._finetuned]
+            if all(f is not None for f in factors):
+                on_device = [(b.to(self._device), a.to(self._device)) for b, a in factors]
+                return self.method.merge_factors(key, on_device, base, self.params, self._context)
+        return self.method.merge_tensor(key, tensors, base, self.params, self._context)
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -30,6 +31,8 @@ from mergeflow.selection import GridPoint
 from mergeflow.statedict import StateDict
 
 log = logging.getLogger(__name__)
+
+MissingHeads = Literal["refuse", "zero"]
 
 
 def check_bases(run: Run) -> dict[str, float]:
@@ -220,13 +223,15 @@ def registration_key(name: str, model_key: str) -> str:
     return content_key("registration/1", name, model_key)
 
 
-def gate_of(run: Run, summary: dict) -> registry.Gate:
+def gate_of(run: Run, summary: dict, missing_heads: MissingHeads = "refuse") -> registry.Gate:
     """The promotion gate for a model with ``summary`` on this run's report data: a
-    champion scored on other data is rescored here, by its own weights and heads."""
+    champion scored on other data is rescored here, by its own weights and heads (see
+    :func:`registered_model_scores` for ``missing_heads``)."""
     from mergeflow.tracking import score_of
 
     def rescore(model_uri: str) -> float:
-        return score_of(summary_of(run, registered_model_scores(run, model_uri)))
+        scores = registered_model_scores(run, model_uri, missing_heads=missing_heads)
+        return score_of(summary_of(run, scores))
 
     return registry.Gate(score_of(summary), report_digest(run), rescore)
 
@@ -238,12 +243,13 @@ def register_winner(
     comparison: dict,
     lineage: dict[str, str],
     charts: dict[str, str] | None = None,
+    missing_heads: MissingHeads = "refuse",
 ) -> dict:
     """Register the winner once per model: its weights are written to the result store
     first (if the registry cannot be reached, the error says where they are); a version
     already registered for this model is returned as it is, with no new MLflow run;
     otherwise the run is logged (grid, comparison, charts) and the model registered from
-    it."""
+    it. ``missing_heads``: how the gate rescores a champion without a head for a task."""
     from mergeflow import tracking
     from mergeflow.checkpoints import load_state_dict
 
@@ -251,7 +257,7 @@ def register_winner(
     weights_uri, weights_path = merged_weights(run, winner)
     try:
         key = registration_key(spec.registered_model, winner.key(run))
-        gate = gate_of(run, comparison[winner.label])
+        gate = gate_of(run, comparison[winner.label], missing_heads)
         registration = registry.registered(spec.registered_model, key, gate)
         if registration is None:
             record = winner.record()
@@ -305,9 +311,14 @@ def report_digest(run: Run) -> str:
     return run.context.data_digest(REPORT)
 
 
-def registered_model_scores(run: Run, model_uri: str, split: str = REPORT) -> dict[str, float]:
+def registered_model_scores(
+    run: Run, model_uri: str, split: str = REPORT, missing_heads: MissingHeads = "refuse"
+) -> dict[str, float]:
     """Per-task accuracy on ``split`` of a model loaded from the MLflow registry
-    (``models:/NAME@champion``, ``models:/NAME/3``), with its own heads and weights."""
+    (``models:/NAME@champion``, ``models:/NAME/3``), with its own heads and weights. A
+    model without a head for one of the spec's tasks is refused, or with ``missing_heads:
+    zero`` scores 0 there: it cannot serve that task (a champion registered before the task
+    arrived)."""
     from mergeflow.registry import load_registered_model
 
     spec = run.spec
@@ -321,14 +332,16 @@ def registered_model_scores(run: Run, model_uri: str, split: str = REPORT) -> di
         )
     context = run.context
     missing = [t.name for t in context.tasks if t.name not in model.heads]
-    if missing:
+    if missing and missing_heads == "refuse":
         raise ParameterError(f"{model_uri} has no head for the spec's task(s) {missing}")
-    scores = {}
+    scores = dict.fromkeys(missing, 0.0)
     for t in context.tasks:
+        if t.name in scores:
+            continue
         model._use_task(t.name)
         own_head = dataclasses.replace(t, head=model.heads[t.name])
         scores[t.name] = accuracy(model.model, own_head, split, spec.batch_size, spec.device)
-    return scores
+    return {t.name: scores[t.name] for t in context.tasks}
 
 
 def summary_of(run: Run, scores: dict[str, float], split: str = REPORT) -> dict:

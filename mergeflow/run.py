@@ -41,11 +41,14 @@ def combine_digests(spec: MergeSpec, sources: Mapping[str, tuple[str, str]]) -> 
     base = sources[spec.base][1]
     digests = {spec.base: base}
     for t in spec.tasks:
-        kind, digest = sources[t.checkpoint]
-        digests[t.checkpoint] = (
-            content_key("lora-over/1", digest, base) if kind == "lora" else digest
-        )
+        digests[t.checkpoint] = weights_digest(*sources[t.checkpoint], base)
     return digests
+
+
+def weights_digest(kind: str, digest: str, base_digest: str) -> str:
+    """The digest naming a fine-tuned checkpoint's weights: its own, but an adapter's
+    weights are the base plus its delta, so its digest covers the base's too."""
+    return content_key("lora-over/1", digest, base_digest) if kind == "lora" else digest
 
 
 def resolve_digests(spec: MergeSpec, cache: CheckpointCache) -> dict[str, str]:

@@ -398,6 +398,11 @@ class SpecOverrides(_Frozen):
 
 def load_spec(uri: str) -> MergeSpec:
     """The spec in the YAML file at ``uri``: a local path or any fsspec URI (``s3://``)."""
+    return MergeSpec.parse(read_spec_data(uri), source=uri)
+
+
+def read_spec_data(uri: str) -> dict:
+    """The mapping in the YAML file at ``uri`` (a local path or any fsspec URI)."""
     from mergeflow.storage import filesystem
 
     fs, path = filesystem(uri)
@@ -410,7 +415,7 @@ def load_spec(uri: str) -> MergeSpec:
         raise ParameterError(f"{uri}: not valid YAML ({' '.join(str(exc).split())})") from None
     if not isinstance(data, dict):
         raise ParameterError(f"{uri}: a spec is a mapping of fields")
-    return MergeSpec.parse(data, source=uri)
+    return data
 
 
 def resolve_spec(

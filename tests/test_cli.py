@@ -216,16 +216,24 @@ def test_missing_checkpoint_is_named(checkpoints, tmp_path, capsys):
 
 
 def test_methods_lists_every_registered_method(capsys):
+    from mergeflow.continual import CONTINUAL
     from mergeflow.data_aware import DATA_AWARE
     from mergeflow.methods import METHODS
 
     assert main(["methods"]) == 0
     out = capsys.readouterr().out
-    listed = {line.split()[0] for line in out.splitlines() if line and not line[0].isspace()}
-    assert listed == set(METHODS) | set(DATA_AWARE)
+    one_shot, continual = out.split("\ncontinual methods (an arrivals spec's method")
+
+    def names(text):
+        return {line.split()[0] for line in text.splitlines() if line and not line[0].isspace()}
+
+    assert names(one_shot) == set(METHODS) | set(DATA_AWARE)
+    assert names(continual.split("\n", 1)[1]) == set(CONTINUAL)
     for name, method in {**METHODS, **DATA_AWARE}.items():
-        assert method.reference in out, name
-        assert method.describe_params() in out, name
+        assert method.reference in one_shot, name
+        assert method.describe_params() in one_shot, name
+    for name, method in CONTINUAL.items():
+        assert method.describe_params() in continual, name
 
 
 @pytest.mark.parametrize(

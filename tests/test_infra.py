@@ -94,7 +94,26 @@ def test_every_deployment_points_at_a_flow():
         assert isinstance(getattr(module, attribute), Flow), deployment["entrypoint"]
         assert deployment["work_pool"]["name"] in ("cpu", "gpu")
         names.add(deployment["name"])
-    assert {"on-demand", "nightly", "dask", "gpu", "promote"} <= names
+    assert {"on-demand", "nightly", "dask", "gpu", "promote", "merge-arrivals"} <= names
+
+
+def test_the_arrivals_deployment_runs_on_a_schedule_and_on_the_landing_event():
+    from prefect.events.schemas.deployment_triggers import DeploymentTriggerTypes
+    from prefect.events.schemas.events import Resource
+    from pydantic import TypeAdapter
+
+    from flows.arrivals import SPEC_VARIABLE, merge_arrivals
+
+    document = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    deployment = next(d for d in document["deployments"] if d["name"] == "merge-arrivals")
+    (trigger,) = TypeAdapter(list[DeploymentTriggerTypes]).validate_python(deployment["triggers"])
+    assert trigger.expect == {"mergeflow.checkpoint.landed"}
+    landed = Resource({"prefect.resource.id": "mergeflow.arrivals.demo"})
+    other = Resource({"prefect.resource.id": "prefect.flow-run.1234"})
+    assert trigger.match.includes([landed]) and not trigger.match.includes([other])
+    assert deployment["parameters"] == {"spec_variable": SPEC_VARIABLE}
+    assert set(deployment["parameters"]) <= set(merge_arrivals.parameters.properties)
+    assert deployment["schedules"][0]["interval"] == 3600 and deployment["concurrency_limit"] == 1
 
 
 def test_kubernetes_gpu_template_is_accepted_and_renders_a_gpu_job(prefect_harness):

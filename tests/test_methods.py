@@ -609,6 +609,11 @@ def test_every_method_names_its_paper_and_validates_its_parameters():
         "pcb",
         "cart",
         "cart_indexed",
+        "opcm",
+        "core_space",
+        "lora_lego",
+        "layer_recipe",
+        "layer_swap",
     }
     assert expected <= set(METHODS)
     for method in METHODS.values():

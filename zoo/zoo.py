@@ -367,3 +367,28 @@ def zoo_spec(
         **overrides,
     }
     return MergeSpec.parse(data, "zoo spec")
+
+
+def arrivals_spec(manifest: dict, prefix: str, landing: str, registered_model: str, **overrides):
+    """The arrivals spec of a zoo stored under ``prefix`` whose checkpoints land, one at
+    a time, under ``landing`` (as ``NAME.safetensors``)."""
+    from mergeflow.arrivals import ArrivalsSpec
+
+    prefix = prefix.rstrip("/")
+    data = {
+        "prefix": landing,
+        "model": manifest["config"]["model"],
+        "base": f"{prefix}/base.safetensors",
+        "tasks": [
+            {
+                "name": t["name"],
+                "dataset": {"uri": f"{prefix}/data/{t['name']}", "format": "parquet"},
+                "classes": t["classes"],
+                "templates": t["templates"],
+            }
+            for t in manifest["tasks"]
+        ],
+        "registered_model": registered_model,
+        **overrides,
+    }
+    return ArrivalsSpec.parse(data, "zoo arrivals spec")

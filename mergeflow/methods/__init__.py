@@ -8,8 +8,11 @@ from mergeflow.methods import (
     cart,
     cart_indexed,
     consensus,
+    core_space,
     dare,
     iso,
+    layers,
+    lora_lego,
     opcm,
     pcb,
     task_arithmetic,
@@ -32,6 +35,9 @@ METHODS: dict[str, MergeMethod] = {
         cart.METHOD,
         cart_indexed.METHOD,
         opcm.METHOD,
+        core_space.METHOD,
+        lora_lego.METHOD,
+        *layers.METHODS,
     )
 }
 

@@ -42,7 +42,8 @@ class Described:
         try:
             return self.params.model_validate(dict(raw or {}))
         except ValidationError as exc:
-            err = exc.errors()[0]
+            errors = exc.errors()  # an unknown name first: it is why the others look wrong
+            err = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
             field = ".".join(str(p) for p in err["loc"]) or "params"
             if err["type"] == "extra_forbidden":
                 known = ", ".join(self.params.model_fields) or "none"
@@ -84,6 +85,14 @@ class MergeMethod(Described):
     elementwise: bool | Callable[[Any], bool] = False
     """True when each output entry depends only on the same entry of the inputs (and the
     context): such a merge may run over a large tensor in row blocks."""
+    plan: Callable[[Mapping[str, Any], Any], Any] | None = None
+    """For methods whose rule depends on the checkpoint's structure, not its values (layer
+    recipes: how many layers each stack has): ``plan(layout, params)`` gives the context,
+    from key names and shapes alone, before any tensor is read."""
+    merge_factors: Callable[[str, Sequence, Any, Any, Any], torch.Tensor] | None = None
+    """For methods that merge low-rank inputs as factors (Core Space): ``merge_factors(key,
+    [(B_t, A_t)], base, params, context)`` on every key each input holds as B_t A_t over
+    the base (a LoRA adapter's targets); such a method takes LoRA adapters only."""
 
     def needs_base(self, params: MethodParams) -> bool:
         """Whether the merge with ``params`` reads the base checkpoint."""
@@ -101,3 +110,16 @@ def check_task_index(method: str, task: int, num_tasks: int) -> None:
             f"method {method!r}: task {task} is out of range for {num_tasks} fine-tuned "
             "checkpoints (0-based)"
         )
+
+
+def factors_only(method: str, how: str) -> MergeTensorFn:
+    """The ``merge_tensor`` of a method that merges LoRA factors only (``merge_factors``):
+    a key that changed but is not a LoRA target of every adapter is refused."""
+
+    def refuse(key, finetuned, base, params, context=None):
+        raise ParameterError(
+            f"{method}: {key!r} differs from the base but is not a LoRA target of every "
+            f"adapter; it cannot be merged {how}"
+        )
+
+    return refuse
