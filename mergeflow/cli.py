@@ -168,6 +168,19 @@ def build_parser() -> argparse.ArgumentParser:
         "cluster of MERGEFLOW_DASK_WORKERS processes (default 2)",
     )
 
+    align = commands.add_parser(
+        "align",
+        help="permute a model's units onto a reference's (weight matching), before a merge",
+        description="For checkpoints that did not start from one base: find, by weight "
+        "matching (no data), the permutations of an open_clip image tower's residual stream, "
+        "MLP units and attention heads that bring MODEL closest to REFERENCE, and write MODEL "
+        "permuted (the same function). Merge the aligned checkpoints as usual.",
+    )
+    align.add_argument("--reference", required=True, help="the checkpoint to align onto")
+    align.add_argument("--model", required=True, help="the checkpoint to permute")
+    align.add_argument("--heads", required=True, type=int, help="attention heads per block")
+    align.add_argument("--out", required=True, help="where to write the aligned model")
+
     arrivals = commands.add_parser(
         "arrivals",
         help="take in the checkpoints that landed under a prefix since the last run (Prefect flow)",
@@ -299,6 +312,23 @@ def _run_pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_align(args: argparse.Namespace) -> int:
+    from mergeflow.align import match_weights
+    from mergeflow.checkpoints import load_state_dict, save_state_dict
+
+    reference, model = load_state_dict(args.reference), load_state_dict(args.model)
+    aligned, _ = match_weights(reference, model, args.heads)
+
+    def distance(state):
+        return sum(float((state[k].double() - reference[k].double()).square().sum())
+                   for k in reference) ** 0.5  # fmt: skip
+
+    save_state_dict(aligned, args.out, {"mergeflow.aligned_to": str(args.reference)})
+    print(f"wrote {args.out}: {args.model} permuted onto {args.reference}; distance "
+          f"{distance(model):.4g} -> {distance(aligned):.4g}")  # fmt: skip
+    return 0
+
+
 def _run_arrivals(args: argparse.Namespace) -> int:
     import json
 
@@ -422,6 +452,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run_merge(args)
         if args.command == "run":
             return _run_pipeline(args)
+        if args.command == "align":
+            return _run_align(args)
         if args.command == "arrivals":
             return _run_arrivals(args)
         if args.command == "doctor":
