@@ -163,3 +163,23 @@ def test_accuracy_after_each_arrival_is_scored_on_the_tasks_seen(zoo, tmp_path, 
 
     monkeypatch.setattr("mergeflow.arrivals.fold_in", counted)
     assert accuracy_after_each_arrival(spec, base, landed, cache) == rows and folds == []
+
+
+def test_mode_full_merges_everything_that_landed_again(
+    prefect_harness, landing_zoo, tracking, tmp_path
+):
+    from flows.arrivals import merge_arrivals
+    from zoo.zoo import arrivals_spec
+
+    folder, manifest = landing_zoo
+    landing = "s3://mf-arrivals/full/"
+    spec = arrivals_spec(manifest, "s3://mf-arrivals/zoo", landing, "full", device="cpu",
+                         mode="full", method="ties", params={"density": 0.5})  # fmt: skip
+    tasks = [t["name"] for t in manifest["tasks"]]
+    for task in tasks[:2]:
+        land(folder, task, landing)
+    result = merge_arrivals(spec, cache_dir=str(tmp_path / "cache"))
+    # landed in one second: S3's times tie, and the names order them
+    assert result["taken_in"] == sorted(tasks[:2]) and result["version"] == "1"
+    version = versions("full")[0]
+    assert version.tags["method"] == "ties" and version.tags["mergeflow.arrivals.count"] == "2"
