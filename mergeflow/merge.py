@@ -263,6 +263,12 @@ class StreamedMerge:
             self.counts.copied += 1
             return carrier.get(key).clone()
         target = self.layout[key][1]
+        factored = self._factors(key)
+        if factored is not None:  # LoRA targets merged as factors: no dense ΔW_t is made
+            base = load_for_compute(self._base, key, self._device, COMPUTE_DTYPE)
+            merged = self.method.merge_factors(key, factored, base, self.params, self._context)
+            self.counts.low_rank += 1
+            return merged.to(target).cpu()
         blocks = self._blocks(key)
         out = None if blocks == [None] else torch.empty(shape, dtype=target)
         changed = False
@@ -273,7 +279,7 @@ class StreamedMerge:
             ):
                 merged = tensors[0]  # no task changed these entries: every method's fixed point
             else:
-                merged = self._merge(key, tensors, base)
+                merged = self.method.merge_tensor(key, tensors, base, self.params, self._context)
                 changed = True
             if out is None:
                 out = merged.to(target).cpu()
@@ -287,13 +293,15 @@ class StreamedMerge:
             self.counts.element_wise += 1
         return out
 
-    def _merge(self, key: str, tensors, base):
-        if self.method.merge_factors is not None:
-            factors = [r.low_rank_factors(key) for r in self._finetuned]
-            if all(f is not None for f in factors):
-                on_device = [(b.to(self._device), a.to(self._device)) for b, a in factors]
-                return self.method.merge_factors(key, on_device, base, self.params, self._context)
-        return self.method.merge_tensor(key, tensors, base, self.params, self._context)
+    def _factors(self, key: str) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """Every input's (B, A) of ``key`` on the device, for a method that merges factors
+        and a key every input holds as factors; else None."""
+        if self.method.merge_factors is None:
+            return None
+        factors = [r.low_rank_factors(key) for r in self._finetuned]
+        if any(f is None for f in factors):
+            return None
+        return [(b.to(self._device), a.to(self._device)) for b, a in factors]
 
 
 @dataclass(frozen=True)
