@@ -131,16 +131,9 @@ def resolve_arrivals_spec(
         return spec
     if spec_uri is not None:
         return ArrivalsSpec.load(spec_uri)
-    import yaml
-    from prefect.variables import Variable
+    from flows.scheduled import spec_from_variable
 
-    value = Variable.get(spec_variable)
-    if value is None:
-        raise ParameterError(f"Prefect variable {spec_variable!r} is not set")
-    data = yaml.safe_load(value) if isinstance(value, str) else value
-    if isinstance(data, dict) and set(data) == {"spec_uri"}:
-        return ArrivalsSpec.load(data["spec_uri"])
-    return ArrivalsSpec.parse(data, f"variable {spec_variable}")
+    return spec_from_variable(spec_variable, ArrivalsSpec.load, ArrivalsSpec.parse)
 
 
 def arrivals_table(spec, history: list[Arrival], scores: dict, registration: dict) -> str:

@@ -16,9 +16,11 @@ from tasks.pipeline import adapt, compress, factorize, resolve_inputs
 SPEC_VARIABLE = "mergeflow-nightly-spec"
 
 
-def spec_from_variable(name: str) -> MergeSpec:
+def spec_from_variable(name: str, load=load_spec, parse=MergeSpec.parse):
     """The spec held in the Prefect variable ``name``: YAML text, a JSON object, or (for a
-    spec larger than a variable holds) ``spec_uri: URI`` naming where it is stored."""
+    spec larger than a variable holds) ``spec_uri: URI`` naming where it is stored, read
+    by ``load(uri)``; ``parse(data, source)`` validates the others (a merge spec unless
+    told otherwise)."""
     from prefect.variables import Variable
 
     value = Variable.get(name)
@@ -26,8 +28,8 @@ def spec_from_variable(name: str) -> MergeSpec:
         raise ParameterError(f"Prefect variable {name!r} is not set")
     data = yaml.safe_load(value) if isinstance(value, str) else value
     if isinstance(data, dict) and set(data) == {"spec_uri"}:
-        return load_spec(data["spec_uri"])
-    return MergeSpec.parse(data, source=f"variable {name}")
+        return load(data["spec_uri"])
+    return parse(data, f"variable {name}")
 
 
 @flow(name="scheduled-merge-pipeline", log_prints=True)

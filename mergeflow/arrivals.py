@@ -71,12 +71,7 @@ class ArrivalsSpec(_Frozen):
 
     @model_validator(mode="after")
     def check_method(self) -> ArrivalsSpec:
-        if self.mode == "continual":
-            get_continual(self.method).parse_params(self.params)
-        else:
-            from mergeflow.methods import get_method
-
-            get_method(self.method).parse_params(self.params)
+        _settings(self)
         return self
 
     @classmethod
@@ -176,18 +171,26 @@ def find_landed(spec: ArrivalsSpec) -> tuple[list[Landed], list[str]]:
     return sorted(landed, key=lambda item: (item.landed_at, item.uri)), strangers
 
 
+def _settings(spec: ArrivalsSpec) -> dict:
+    """The method's parameters with its defaults filled in: what keys name, so that
+    ``{}`` and the defaults spelled out are one state."""
+    from mergeflow.methods import get_method
+
+    method = get_continual(spec.method) if spec.mode == "continual" else get_method(spec.method)
+    return method.parse_params(spec.params).model_dump(mode="json")
+
+
 def state_key(spec: ArrivalsSpec, base_digest: str, arrivals: list[Arrival]) -> str:
     """K_t: names the continual state after ``arrivals`` (their digests, in order)."""
-    params = get_continual(spec.method).parse_params(spec.params).model_dump(mode="json")
     return content_key(
-        "continual/1", spec.method, params, base_digest, [a.sha256 for a in arrivals]
+        "continual/1", spec.method, _settings(spec), base_digest, [a.sha256 for a in arrivals]
     )
 
 
 def stream_key(spec: ArrivalsSpec, base_digest: str) -> str:
     """Names a stream's head: one per registered model, mode, method and base."""
     return content_key("arrivals/1", spec.registered_model, spec.mode, spec.method,
-                       spec.params, base_digest)  # fmt: skip
+                       _settings(spec), base_digest)  # fmt: skip
 
 
 def read_state(store: ResultStore, key: str) -> FoldRecord | None:
@@ -227,7 +230,7 @@ def _fold_one(record, arrival, key, store, cache: CheckpointCache, device, progr
         local = os.path.join(folder, "running.safetensors")
         running = None
         if record.running is not None:
-            running = SafetensorsReader(cache.fetch(record.running).path, record.running)
+            running = open_state(record, cache)
         try:
             with (
                 open_checkpoint(record.base.uri, cache) as base_reader,

@@ -118,7 +118,7 @@ def translate(config: dict, source: str = "mergekit config") -> Translation:
     if method == "passthrough":
         _fail(source, "slices", "passthrough without slices copies one model: nothing to merge")
     weights = _weights(config.get("models"), top, source, "models")
-    return _recipe([((0, None), weights)], models, base, notes)
+    return _blend_everywhere(weights, models, base, notes)
 
 
 def _refuse_rest(params: dict, source: str) -> None:
@@ -175,9 +175,8 @@ def _slices(slices, method, base, top, source, notes) -> Translation:
     return _recipe_by_name(recipe, models, base, notes, source)
 
 
-def _recipe(parts, models, base, notes) -> Translation:
+def _blend_everywhere(weights, models, base, notes) -> Translation:
     """A blend of ``models`` with ``weights`` over every tensor."""
-    ((_, weights),) = parts
     blend = {str(i): w for i, w in enumerate(weights)}
     params = {"slices": [{"layers": [0, None], "blend": blend}], "other": blend}
     return Translation("layer_recipe", params, base, models, notes)

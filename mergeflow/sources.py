@@ -139,11 +139,7 @@ class CheckpointSource:
     def digest(self, cache: CheckpointCache) -> str:
         """sha256 naming the weights' content: a single file's own sha256, else the digest
         of every file's name and sha256 (so moving a folder keeps its digest)."""
-        copies = self.weight_files(cache)
-        if len(copies) == 1:
-            return copies[0].digest()
-        parts = [[_name(c.uri), c.digest()] for c in copies]
-        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+        return digest_of(self.weight_files(cache))
 
 
 def shard_names(index: LocalCopy) -> list[str]:
@@ -295,9 +291,17 @@ def _rename(source: CheckpointSource, uri: str) -> CheckpointSource:
 def source_digests(sources: list[CheckpointSource], cache: CheckpointCache) -> list[str]:
     """Each source's :meth:`~CheckpointSource.digest`, the local files among them hashed
     in parallel first (see :func:`~mergeflow.storage.file_sha256s`)."""
-    unhashed = [c.path for s in sources for c in s.weight_files(cache) if c.sha256 is None]
-    file_sha256s(unhashed)  # remembered: digest() below reads them back
-    return [s.digest(cache) for s in sources]
+    files = [s.weight_files(cache) for s in sources]  # one fetch (an S3 HEAD) per file
+    file_sha256s([c.path for copies in files for c in copies if c.sha256 is None])
+    return [digest_of(copies) for copies in files]  # the hashes remembered just above
+
+
+def digest_of(copies: list[LocalCopy]) -> str:
+    """A single file's own sha256, else the digest of every file's name and sha256."""
+    if len(copies) == 1:
+        return copies[0].digest()
+    parts = [[_name(c.uri), c.digest()] for c in copies]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
 
 def checkpoint_digest(uri: str | os.PathLike, cache: CheckpointCache) -> str:

@@ -29,6 +29,20 @@ def land(folder, task: str, landing: str) -> str:
     return f"{landing}{task}.safetensors"
 
 
+def count_folds(monkeypatch) -> list:
+    """A list that grows by one with every fold the arrivals module makes."""
+    from mergeflow import arrivals, continual
+
+    folds = []
+
+    def counted(*args, **kwargs):
+        folds.append(1)
+        return continual.fold_in(*args, **kwargs)
+
+    monkeypatch.setattr(arrivals, "fold_in", counted)
+    return folds
+
+
 def versions(name: str) -> list:
     import mlflow
 
@@ -41,19 +55,13 @@ def test_checkpoints_are_taken_in_as_they_land(
     import mlflow
 
     from flows.arrivals import merge_arrivals
-    from mergeflow import continual
     from zoo.zoo import arrivals_spec
 
     folder, manifest = landing_zoo
     landing = "s3://mf-arrivals/finetuned/"
     spec = arrivals_spec(manifest, "s3://mf-arrivals/zoo", landing, "arrivals", device="cpu")
     cache = str(tmp_path / "cache")
-    folds = []
-    real_fold = continual.fold_in
-    monkeypatch.setattr(continual, "fold_in", lambda *a, **k: folds.append(1) or real_fold(*a, **k))
-    import mergeflow.arrivals as arrivals_module
-
-    monkeypatch.setattr(arrivals_module, "fold_in", continual.fold_in)
+    folds = count_folds(monkeypatch)
     tasks = [t["name"] for t in manifest["tasks"]]
 
     from mergeflow.arrivals import find_landed
@@ -134,7 +142,6 @@ def test_an_arrivals_spec_names_the_field_at_fault(landing_zoo):
 
 
 def test_accuracy_after_each_arrival_is_scored_on_the_tasks_seen(zoo, tmp_path, monkeypatch):
-    from mergeflow import continual
     from mergeflow.arrivals import accuracy_after_each_arrival
     from mergeflow.continual import Arrival
     from mergeflow.storage import file_sha256
@@ -154,14 +161,7 @@ def test_accuracy_after_each_arrival_is_scored_on_the_tasks_seen(zoo, tmp_path, 
     rows = accuracy_after_each_arrival(spec, base, landed, cache)
     assert [(r["arrivals"], r["task"]) for r in rows] == [(2, tasks[1]), (3, tasks[2])]
     assert all(0 < r["mean_accuracy"] <= 1 and r["mean_normalized"] > 0 for r in rows)
-    folds = []
-    real = continual.fold_in
-
-    def counted(*args, **kwargs):
-        folds.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr("mergeflow.arrivals.fold_in", counted)
+    folds = count_folds(monkeypatch)
     assert accuracy_after_each_arrival(spec, base, landed, cache) == rows and folds == []
 
 
