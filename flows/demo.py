@@ -98,6 +98,32 @@ DEMO_BASELINES = [
         "label": "cart_adamerging entropy only",
         "params": {**ADAPTATION, "init": 1.5, "diversity": 0.0},
     },
+    # Concrete subspace masks over task arithmetic and over layer-wise AdaMerging; the mask
+    # logits take a larger step than the paper's 1e-3 (which needs its 2,000 steps to move)
+    {
+        "method": "concrete",
+        "label": "concrete ta",
+        "params": {"steps": 100, "lr": 2e-2, "diversity": 1.0},
+    },
+    {
+        "method": "concrete",
+        "label": "concrete adamerging",
+        "params": {
+            "over": "adamerging",
+            "steps": 50,
+            "lr": 2e-2,
+            "adamerging_steps": 100,
+            "adamerging_lr": 3e-3,
+            "diversity": 1.0,
+        },
+    },
+    # Twin-Merging: routed per image, over the paper's shared task arithmetic and over CART
+    {"method": "twin_merging", "label": "twin_merging"},
+    {
+        "method": "twin_merging",
+        "label": "twin_merging over cart",
+        "params": {"shared": "cart", "shared_params": {"rank_ratio": 0.12, "scale": 2.0}},
+    },
 ]
 
 
@@ -155,6 +181,65 @@ def _score_champion(spec, cache_dir: Path) -> dict:
     return pipeline.summary_of(run, pipeline.registered_model_scores(run, uri))
 
 
+# (CART over two tasks is weight averaging: their centered task vectors cancel)
+ALIGNMENT_METHODS = (("average", {}), ("task_arithmetic", {"scale": 0.3}))
+
+
+def alignment_comparison(manifest: dict, prefix: str, cache_dir: Path, demo_dir: Path) -> dict:
+    """The zoo's first two tasks, the second one's checkpoint permuted (a random
+    function-preserving permutation: what fine-tuning from a permuted copy of the base gives,
+    since training is permutation-equivariant), merged as they are, unaligned and after the
+    spec's ``align`` step: each method's mean report accuracy over the two tasks."""
+    from mergeflow.align import VitPermutation, permute, vit_layout
+    from mergeflow.candidates import FixedMethod
+    from mergeflow.checkpoints import load_state_dict, save_state_dict
+    from mergeflow.evaluation import REPORT
+    from mergeflow.pipeline import _tower_heads, align_checkpoints, score
+    from mergeflow.run import RunInputs, open_run
+    from mergeflow.spec import AlignSpec
+    from mergeflow.storage import CheckpointCache
+    from zoo.zoo import zoo_spec
+
+    spec = zoo_spec(manifest, prefix, f"{MODEL_NAME}-align")
+    first, second = spec.tasks[:2]
+    permuted = demo_dir / "permuted" / f"{second.name}.safetensors"
+    if not permuted.is_file():
+        state = load_state_dict(second.checkpoint, CheckpointCache(str(cache_dir)))
+        layout = vit_layout(state, _tower_heads(spec.model))
+        permuted.parent.mkdir(parents=True, exist_ok=True)
+        save_state_dict(permute(state, VitPermutation.random(layout, 0), layout), str(permuted))
+    pair = spec.model_copy(update={"tasks": (first, second)})
+    moved = (first, second.model_copy(update={"checkpoint": str(permuted)}))
+    unaligned = pair.model_copy(update={"tasks": moved, "base_check": "off"})
+    inputs = {
+        "same base": RunInputs.resolve(pair, str(cache_dir)),
+        "permuted, unaligned": RunInputs.resolve(unaligned, str(cache_dir)),
+        "permuted, aligned": align_checkpoints(
+            RunInputs.resolve(unaligned.model_copy(update={"align": AlignSpec()}), str(cache_dir))
+        ),
+    }
+    table = {}
+    for method, params in ALIGNMENT_METHODS:
+        candidate = FixedMethod(name=method, params=params, label=method)
+        for setting, run_inputs in inputs.items():
+            accuracy = score(open_run(run_inputs), candidate, REPORT)
+            table.setdefault(method, {})[setting] = sum(accuracy.values()) / len(accuracy)
+    return {"tasks": (first.name, second.name), "table": table}
+
+
+def alignment_table(comparison: dict) -> str:
+    first, second = comparison["tasks"]
+    settings = list(next(iter(comparison["table"].values())))
+    lines = [
+        f"weight matching: {second} fine-tuned from a permuted copy of the base (the same "
+        f"function, other coordinates), merged with {first}: mean report accuracy (%)",
+        f"{'method':16s}" + "".join(f"{s:>22s}" for s in settings),
+    ]
+    for method, row in comparison["table"].items():
+        lines.append(f"{method:16s}" + "".join(f"{100 * row[s]:>22.1f}" for s in settings))
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -208,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         result = merge_pipeline(spec, cache_dir=str(demo_dir / "cache"))
         champion = _score_champion(spec, demo_dir / "cache")
         curve = continual_curve(manifest, prefix, demo_dir / "cache")
+        alignment = alignment_comparison(manifest, prefix, demo_dir / "cache", demo_dir)
     finally:
         server.stop()
 
@@ -231,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(continual_table(curve))
     print(f"chart: {accuracy_after_arrivals(curve, demo_dir / 'continual.png')}")
+    print()
+    print(alignment_table(alignment))
     print(f"demo took {time.perf_counter() - started:.0f} s")
     print()
     print("Open the UIs on these stores:")

@@ -1,4 +1,4 @@
-"""The merge pipeline: fetch → check → prepare → factorize → score the grid → select →
+"""The merge pipeline: fetch → (align) → check → prepare → factorize → score the grid → select →
 report → register.
 
 mergeflow run SPEC.yaml [--dask [ADDRESS]]   (or deploy it: prefect.yaml)
@@ -39,6 +39,7 @@ from mergeflow.storage import CheckpointCache
 from tasks.checkpoints import fetch_checkpoint
 from tasks.pipeline import (
     adapt,
+    align_checkpoints,
     check_bases,
     compress,
     draw_charts,
@@ -46,6 +47,7 @@ from tasks.pipeline import (
     prepare_evaluation,
     read_adaptation,
     register_index,
+    register_routed,
     register_winner,
     score,
     score_index,
@@ -81,6 +83,8 @@ def merge_pipeline(
     where = stores.use_defaults(cache_dir)
     logger.info(where.line())
     inputs, lineage = fetch_inputs(spec, cache_dir)
+    if spec.align is not None:
+        inputs = align_checkpoints(inputs)
     distances = check_bases(inputs)
     if distances:
         logger.info("check: distance from the base: %s", describe_distances(distances))
@@ -110,6 +114,7 @@ def merge_pipeline(
         compression["registration"] = register_index(
             inputs, compression, comparison[compression["label"]], lineage
         )
+    routed = register_best_routed(inputs, plan, comparison, lineage)
     publish(spec, points, comparison, winner.label, registration, charts, compression)
     logger.info("register: %s", report.registration_line(registration))
     return {
@@ -120,6 +125,7 @@ def merge_pipeline(
         "comparison": comparison,
         "compression": compression,
         "registration": registration,
+        "routed": routed,
         "charts": charts,
         "stores": where.record(),
         "store_usage": results.USAGE.since(usage),
@@ -174,6 +180,16 @@ def score_grid(inputs: RunInputs, plan: Plan, finetuned: dict, adapted: list) ->
                 extra={PROGRESS_LINE: True},
             )
     return [points[i] for i in range(len(grid))]
+
+
+def register_best_routed(inputs: RunInputs, plan: Plan, comparison: dict, lineage: dict):
+    """Register the best routed model (Twin-Merging) as NAME-routed: its label and
+    registration, or None when the spec lists none."""
+    routed = plan.best_routed(comparison)
+    if routed is None:
+        return None
+    registration = register_routed(inputs, routed, comparison[routed.label], lineage)
+    return {"label": routed.label, "registration": registration}
 
 
 def log_selection(selection: Selection) -> None:

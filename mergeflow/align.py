@@ -64,6 +64,25 @@ class VitPermutation:
             [inner.clone() for _ in range(blocks)],
         )
 
+    @staticmethod
+    def random(layout: VitLayout, seed: int) -> VitPermutation:
+        """A random permutation of every group of ``layout``'s tower (seeded): what a model
+        fine-tuned from a permuted copy of its base would differ by."""
+        gen = torch.Generator().manual_seed(seed)
+        d_head = layout.width // layout.heads
+
+        def inner():
+            return torch.stack([torch.randperm(d_head, generator=gen) for _ in range(layout.heads)])
+
+        blocks = range(layout.blocks)
+        return VitPermutation(
+            torch.randperm(layout.width, generator=gen),
+            [torch.randperm(layout.hidden, generator=gen) for _ in blocks],
+            [torch.randperm(layout.heads, generator=gen) for _ in blocks],
+            [inner() for _ in blocks],
+            [inner() for _ in blocks],
+        )
+
     def attention_rows(self, block: int, which: str) -> torch.Tensor:
         """The D-row permutation of q/k (``qk``) or v (``vo``) in block ``block``: new row
         h·d + i takes old row heads[h]·d + inner[h, i]."""

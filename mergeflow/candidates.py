@@ -16,6 +16,7 @@ type               weights                                          report kind
 ``PerTask``        a per-task method, one model per task            per-task
 ``DataAware``      a method that adapts on unlabeled samples        data-aware
 ``Continual``      a continual merge's state after its arrivals     data-free
+``Routed``         Twin-Merging: θ* + routed twin vectors per input  routed
 =================  ===============================================  ===============
 
 They are pydantic models so they cross Prefect task boundaries as parameters;
@@ -72,6 +73,11 @@ class Candidate(BaseModel):
         fine-tune's text tower)."""
         self._check_task(run, task)
         return run.context.complete(self.weights(run, task))
+
+    def judge(self, run: Run, split: str, task: str | None = None) -> dict:
+        """Per-task, per-image correctness on ``split`` (of ``task`` only, for a candidate
+        that is one model per task): its :meth:`state` through the run's model."""
+        return run.context.judge(self.state(run, task), split, only=task)
 
     def _check_task(self, run: Run, task: str | None) -> None:
         if self.per_task and task not in run.task_names:
@@ -252,15 +258,15 @@ class DataAware(FixedMethod):
         with open_checkpoint(self.adapted(run)[1]) as reader:
             return json.loads(reader.metadata().get("mergeflow.info", "{}"))
 
-    def _adapt(self, run: Run, uri: str) -> None:
-        from mergeflow.checkpoints import save_state_dict
+    def _inputs(self, run: Run):
+        """What the method reads (open_clip names), and whether the checkpoints are in
+        transformers' names (the result is written back in them)."""
         from mergeflow.data_aware import DataAwareInputs, TaskSamples
         from mergeflow.evaluation import ADAPTATION
-        from mergeflow.hf_clip import from_open_clip, is_hf_clip, to_open_clip
+        from mergeflow.hf_clip import is_hf_clip, to_open_clip
         from mergeflow.models import create_model, resolve_model
         from mergeflow.svd import resolve_device
 
-        method, params = self._method()
         context = run.context
         samples = []
         for t in context.tasks:
@@ -277,7 +283,14 @@ class DataAware(FixedMethod):
             samples=samples,
             device=resolve_device(run.spec.device),
         )
-        del finetuned
+        return inputs, native_hf
+
+    def _adapt(self, run: Run, uri: str) -> None:
+        from mergeflow.checkpoints import save_state_dict
+        from mergeflow.hf_clip import from_open_clip
+
+        method, params = self._method()
+        inputs, native_hf = self._inputs(run)
         outcome = method.run(inputs, params)
         state = from_open_clip(outcome.state) if native_hf else outcome.state
         metadata = {"mergeflow.method": method.name, "mergeflow.info": json.dumps(outcome.info)}
@@ -320,7 +333,66 @@ class Continual(Candidate):
             return dict(ContinualModel(record, base, r).tensors())
 
 
+class Routed(DataAware):
+    """Twin-Merging's routed model (:mod:`mergeflow.twin`): the shared merge, each task's
+    compressed twin vector and the router trained on the adaptation split's images (their
+    task, never their labels), in one file of the result store. It has no single set of
+    weights: each image is scored through its own θ(x)."""
+
+    kind: Literal["routed"] = "routed"
+    report_kind: ClassVar[str] = "routed"
+
+    def _method(self):
+        from mergeflow.twin import ROUTED
+
+        method = ROUTED[self.name]
+        return method, method.parse_params(self.params)
+
+    def key(self, run: Run, task: str | None = None) -> str:
+        return content_key("model/1", "routed", self.adapted_key(run))
+
+    def weights(self, run: Run, task: str | None = None) -> StateDict:
+        raise ParameterError(
+            f"{self.label} is a routed model: its weights depend on each input (register it "
+            "as a routed model, or use its shared merge as a method)"
+        )
+
+    def judge(self, run: Run, split: str, task: str | None = None) -> dict:
+        from mergeflow.hf_clip import to_open_clip
+        from mergeflow.svd import resolve_device
+        from mergeflow.twin import load_twin
+
+        context, path = run.context, self.adapted(run)[1]
+        with context.lock:
+            twin = load_twin(path, context.model, to_open_clip(context.base))
+            twin.to(resolve_device(run.spec.device))
+            return {
+                t.name: twin.correctness(
+                    t.splits[split].images, t.splits[split].labels, t.head, run.spec.batch_size
+                ).numpy()
+                for t in context.tasks
+                if task in (None, t.name)
+            }
+
+    def _adapt(self, run: Run, uri: str) -> None:
+        from mergeflow.twin import build_twin, save_twin
+
+        _, params = self._method()
+        inputs, _ = self._inputs(run)
+        samples = [(s.name, s.images) for s in inputs.samples]
+        from mergeflow.hf_clip import to_open_clip
+        from mergeflow.pipeline import checkpoint_bytes
+
+        twin, shared, info = build_twin(
+            inputs.model, inputs.base, inputs.finetuned, samples, params, inputs.device
+        )
+        # θ* is kept for the tensors the checkpoints hold (the rest is the base's)
+        held = to_open_clip(run.load_task_state(run.task_names[0])).keys()
+        info["checkpoint_bytes"] = checkpoint_bytes(run)
+        save_twin(twin, {k: v for k, v in shared.items() if k in held}, uri, info)
+
+
 AnyCandidate = Annotated[
-    Reference | CartPoint | FixedMethod | PerTask | DataAware | Continual,
+    Reference | CartPoint | FixedMethod | PerTask | DataAware | Continual | Routed,
     Field(discriminator="kind"),
 ]

@@ -19,7 +19,7 @@ import logging
 import sys
 
 from mergeflow import __version__
-from mergeflow.errors import MergeflowError
+from mergeflow.errors import MergeflowError, ParameterError
 from mergeflow.outputs import DEFAULT_SHARD_SIZE
 
 EXIT_BAD_INPUT = 2
@@ -181,6 +181,23 @@ def build_parser() -> argparse.ArgumentParser:
     align.add_argument("--heads", required=True, type=int, help="attention heads per block")
     align.add_argument("--out", required=True, help="where to write the aligned model")
 
+    moe = commands.add_parser(
+        "moe-merge",
+        help="merge the experts of one mixture-of-experts model into fewer (MC-SMoE)",
+        description="Read routing statistics of a Mixtral-style checkpoint on calibration "
+        "sequences, keep each layer's most used experts, merge every other expert into its "
+        "most similar kept one (aligned, usage-weighted) and write the smaller MoE as a "
+        "transformers folder. Give a YAML spec, or the flags.",
+    )
+    moe.add_argument("spec", nargs="?", help="YAML spec: model, calibration, out, experts, ...")
+    moe.add_argument("--model", help="the MoE model's folder (local or s3://)")
+    moe.add_argument("--calibration", help=".jsonl of input_ids, or .txt of samples")
+    moe.add_argument("--experts", type=int, help="experts per layer after merging")
+    moe.add_argument("--out", help="folder to write the smaller model to")
+    moe.add_argument("--samples", type=int, help="calibration sequences to read (256)")
+    moe.add_argument("--max-tokens", type=int, help="tokens per sequence at most (512)")
+    moe.add_argument("--no-align", action="store_true", help="skip the expert permutation")
+
     arrivals = commands.add_parser(
         "arrivals",
         help="take in the checkpoints that landed under a prefix since the last run (Prefect flow)",
@@ -329,6 +346,37 @@ def _run_align(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_moe_merge(args: argparse.Namespace) -> int:
+    import yaml
+    from pydantic import ValidationError
+
+    from mergeflow.moe import MoeMergeSpec, moe_merge
+
+    fields = {"model": args.model, "calibration": args.calibration, "experts": args.experts,
+              "out": args.out, "samples": args.samples, "max_tokens": args.max_tokens}  # fmt: skip
+    given = {k: v for k, v in fields.items() if v is not None}
+    if args.no_align:
+        given["align"] = False
+    raw = {}
+    if args.spec:
+        from mergeflow.storage import CheckpointCache
+
+        try:
+            raw = yaml.safe_load(CheckpointCache().fetch(args.spec).path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ParameterError(f"{args.spec}: not YAML ({exc})") from None
+        if not isinstance(raw, dict):
+            raise ParameterError(f"{args.spec}: a moe-merge spec is a mapping of fields")
+    try:
+        spec = MoeMergeSpec(**{**raw, **given})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise ParameterError(f"{args.spec or 'moe-merge'}: {where}: {err['msg']}") from None
+    moe_merge(spec)
+    return 0
+
+
 def _run_arrivals(args: argparse.Namespace) -> int:
     import json
 
@@ -426,11 +474,10 @@ def _run_rebuild(args: argparse.Namespace) -> int:
 
 def _run_methods() -> int:
     from mergeflow.continual import CONTINUAL
-    from mergeflow.data_aware import DATA_AWARE
-    from mergeflow.methods import METHODS
+    from mergeflow.methods import METHODS, all_methods
 
-    for name, method in sorted({**METHODS, **DATA_AWARE}.items()):
-        needs = " [needs samples: pipeline only]" if name in DATA_AWARE else ""
+    for name, method in sorted(all_methods().items()):
+        needs = "" if name in METHODS else " [needs samples: pipeline only]"
         print(f"{name:18s} {method.summary}{needs}")
         print(f"{'':18s} params: {method.describe_params()}")
         print(f"{'':18s} {method.reference}")
@@ -456,6 +503,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run_align(args)
         if args.command == "arrivals":
             return _run_arrivals(args)
+        if args.command == "moe-merge":
+            return _run_moe_merge(args)
         if args.command == "doctor":
             return _run_doctor(args)
         if args.command == "score-model":

@@ -22,17 +22,72 @@ from typing import Literal
 import numpy as np
 
 from mergeflow import registry, selection, stats
-from mergeflow.candidates import Candidate, FixedMethod, reference
+from mergeflow.candidates import Candidate, FixedMethod, Routed, reference
 from mergeflow.checkpoints import open_checkpoint, save_state_dict
 from mergeflow.errors import ParameterError, RegistrationError
 from mergeflow.evaluation import REPORT, SELECTION, accuracy, summarize
-from mergeflow.run import Run, content_key, load_index
+from mergeflow.run import Run, RunInputs, content_key, load_index
 from mergeflow.selection import GridPoint
 from mergeflow.statedict import StateDict
 
 log = logging.getLogger(__name__)
 
 MissingHeads = Literal["refuse", "zero"]
+
+
+def align_checkpoints(inputs: RunInputs) -> RunInputs:
+    """With the spec's ``align``: every task's checkpoint but the reference's permuted onto
+    the reference's by weight matching (kept in the result store, keyed by both digests),
+    and inputs whose spec names the aligned files (``align`` done: None). Without it, the
+    inputs as they are."""
+    from mergeflow.align import match_weights
+    from mergeflow.storage import file_sha256
+
+    spec = inputs.spec
+    if spec.align is None:
+        return inputs
+    run = Run(inputs)
+    reference = spec.align.reference or spec.tasks[0].name
+    reference_uri = run.checkpoint_of(reference)
+    heads = spec.align.heads or _tower_heads(spec.model)
+    reference_state = run.load_task_state(reference)
+    tasks, digests = [], dict(inputs.digests)
+    for t in spec.tasks:
+        if t.name == reference:
+            tasks.append(t)
+            continue
+        key = content_key("aligned/1", digests[reference_uri], digests[t.checkpoint], heads)
+        name = f"{key}.safetensors"
+
+        def build(uri: str, task=t) -> None:
+            aligned, _ = match_weights(reference_state, run.load_task_state(task.name), heads)
+            origin = {
+                "mergeflow.aligned_to": reference_uri,
+                "mergeflow.aligned_from": task.checkpoint,
+            }
+            save_state_dict(aligned, uri, origin)
+
+        path = run.store.file("aligned", name, build)
+        uri = run.store.uri("aligned", name)
+        digests[uri] = file_sha256(path)
+        log.info("align: %s permuted onto %s (%s)", t.checkpoint, reference_uri, uri)
+        tasks.append(t.model_copy(update={"checkpoint": uri}))
+    aligned_spec = spec.model_copy(update={"tasks": tuple(tasks), "align": None})
+    return RunInputs(spec=aligned_spec, digests=digests, cache_dir=inputs.cache_dir)
+
+
+def _tower_heads(model: str) -> int:
+    """Attention heads per block of ``model``'s image tower (open_clip's width / head_width)."""
+    import open_clip
+
+    from mergeflow.models import resolve_model
+
+    architecture = resolve_model(model)
+    config = architecture.model_cfg or open_clip.get_model_config(architecture.name)
+    if not config or "vision_cfg" not in config:
+        raise ParameterError(f"{model}: no image tower config; give align.heads")
+    vision = config["vision_cfg"]
+    return int(vision["width"]) // int(vision.get("head_width", 64))
 
 
 def check_bases(run: Run) -> dict[str, float]:
@@ -115,7 +170,7 @@ def _candidate_records(run: Run, candidate: Candidate, split: str) -> list[dict]
     for task in run.task_names if candidate.per_task else [None]:
 
         def compute(task=task):
-            return run.context.judge(candidate.state(run, task), split, only=task)
+            return candidate.judge(run, split, task)
 
         records.append(score_record(run, candidate.key(run, task), split, compute, only=task))
     return records
@@ -303,6 +358,61 @@ def register_index(run: Run, compression: dict, summary: dict, lineage: dict[str
         tags = tracking.version_tags(spec, "cart_indexed", settings, lineage)
         registration = registry.register_model(name, files, gate, key, tags, run_id)
     return tracking.describe_registration(registration, spec)
+
+
+def register_routed(run: Run, routed: Routed, summary: dict, lineage: dict[str, str]) -> dict:
+    """Register a Twin-Merging routed model as ``NAME-routed``: one pyfunc (router, shared
+    merge, twin vectors) that classifies images without being told their task."""
+    from mergeflow import tracking
+    from mergeflow.hf_clip import to_open_clip
+    from mergeflow.twin import shared_keys
+
+    spec = run.spec
+    name = f"{spec.registered_model}-routed"
+    key = registration_key(name, routed.key(run))
+    gate = registry.Gate(
+        tracking.score_of(summary),
+        report_digest(run),
+        lambda uri: tracking.score_of(summary_of(run, routed_model_scores(run, uri))),
+    )
+    registration = registry.registered(name, key, gate)
+    if registration is None:
+        info = routed.learned(run)
+        storage = {k: float(info[k]) for k in ("stored_bytes", "checkpoint_bytes") if info.get(k)}
+        run_id = tracking.log_side_run(
+            spec, routed.name, routed.settings, summary, storage, lineage
+        )
+        path = routed.adapted(run)[1]
+        held = shared_keys(path)
+        complement = {k: v for k, v in to_open_clip(run.context.base).items() if k not in held}
+        files = registry.ModelFiles(
+            spec.model,
+            run.context.heads,
+            run.context.classes,
+            twin_path=path,
+            complement=complement,
+        )
+        tags = tracking.version_tags(spec, routed.name, routed.settings, lineage)
+        registration = registry.register_model(name, files, gate, key, tags, run_id)
+    return tracking.describe_registration(registration, spec)
+
+
+def routed_model_scores(run: Run, model_uri: str, split: str = REPORT) -> dict[str, float]:
+    """Per-task accuracy on ``split`` of a routed model from the registry, with its own
+    router, twin vectors and heads."""
+    from mergeflow.registry import load_registered_model
+    from mergeflow.svd import resolve_device
+
+    model = load_registered_model(model_uri)
+    twin = model.twin.to(resolve_device(run.spec.device))
+    scores = {}
+    for t in run.context.tasks:
+        if t.name not in model.heads:
+            raise ParameterError(f"{model_uri} has no head for the spec's task {t.name!r}")
+        data = t.splits[split]
+        right = twin.correctness(data.images, data.labels, model.heads[t.name], run.spec.batch_size)
+        scores[t.name] = float(right.float().mean())
+    return scores
 
 
 def report_digest(run: Run) -> str:

@@ -15,6 +15,7 @@ from mergeflow.candidates import (
     FixedMethod,
     PerTask,
     Reference,
+    Routed,
     cart_point,
     reference,
 )
@@ -39,8 +40,11 @@ def candidate_of(method: MethodSpec, largest_rank_ratio: float) -> tuple[Candida
     rebuilt from the grid's factors (so it is merged by streaming, which is slower)."""
     from mergeflow.kernels import DEFAULT_RANK_RATIO
     from mergeflow.methods import find_method
+    from mergeflow.twin import ROUTED
 
     label = method.name
+    if method.method in ROUTED:
+        return Routed(name=method.method, params=method.params, label=label), None
     if is_data_aware(method.method):
         return DataAware(name=method.method, params=method.params, label=label), None
     if find_method(method.method).per_task:
@@ -90,6 +94,12 @@ class Plan:
                 recipe = (candidate.name, sorted(candidate.params.items()))
                 unique.setdefault(repr(recipe), candidate)
         return list(unique.values())
+
+    def best_routed(self, comparison: dict[str, dict]) -> Routed | None:
+        """The routed baseline (Twin-Merging) with the best report mean accuracy, if any:
+        the one registered as a routed model."""
+        routed = [c for c in self.baselines if isinstance(c, Routed) and c.label in comparison]
+        return max(routed, key=lambda c: comparison[c.label]["mean_accuracy"], default=None)
 
     def report_candidates(self, chosen: list[Candidate]) -> dict[str, Candidate]:
         """What the report split scores, by label: ``chosen`` (each family's best point),

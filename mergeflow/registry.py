@@ -51,6 +51,7 @@ REGISTRATION_KEY_TAG = "mergeflow.registration_key"
 # MLflow "models from code": the model is this file, not a pickle, so loading runs no
 # pickled code.
 MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
+ROUTED_MODEL_CODE = Path(__file__).with_name("mlflow_routed.py")
 
 
 def _mlflow():
@@ -130,7 +131,8 @@ class Gate:
 class ModelFiles:
     """What a registered version holds: the merged ``weights`` (a state dict, or a function
     giving it, called only when a new version is made) or a CART index at ``index_path``
-    (:mod:`mergeflow.cart_index`: the model rebuilds each task's weights from it), every
+    (:mod:`mergeflow.cart_index`: the model rebuilds each task's weights from it) or a
+    Twin-Merging file at ``twin_path`` (:mod:`mergeflow.twin`: a routed model), every
     task's frozen head (C, D) and class names, the model's config name, and ``complement``:
     tensors an index lacks (a vision-only fine-tune's text tower), loaded under every task."""
 
@@ -140,10 +142,17 @@ class ModelFiles:
     weights: Mapping[str, torch.Tensor] | Callable[[], Mapping[str, torch.Tensor]] | None = None
     index_path: str | None = None
     complement: Mapping[str, torch.Tensor] | None = None
+    twin_path: str | None = None
 
     def __post_init__(self):
-        if (self.weights is None) == (self.index_path is None):
-            raise ValueError("give either weights or index_path")
+        given = [x is not None for x in (self.weights, self.index_path, self.twin_path)]
+        if sum(given) != 1:
+            raise ValueError("give one of weights, index_path and twin_path")
+
+    @property
+    def routed(self) -> bool:
+        """Whether this is a Twin-Merging routed model (:mod:`mergeflow.mlflow_routed`)."""
+        return self.twin_path is not None
 
 
 def registered(name: str, registration_key: str, gate: Gate) -> Registration | None:
@@ -172,6 +181,24 @@ def _signature():
     return ModelSignature(
         inputs=Schema([ColSpec("string", "task"), ColSpec(AnyType(), "image")]),
         outputs=Schema([ColSpec("long", "label_index"), ColSpec("string", "label")]),
+    )
+
+
+def _routed_signature():
+    """What a routed model (mergeflow/mlflow_routed.py) takes and gives: rows of ``image``
+    (a ``task`` column is optional), and per row the routed task and the class."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import AnyType, ColSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", "task", required=False), ColSpec(AnyType(), "image")]),
+        outputs=Schema(
+            [
+                ColSpec("string", "task"),
+                ColSpec("long", "label_index"),
+                ColSpec("string", "label"),
+            ]
+        ),
     )
 
 
@@ -206,9 +233,9 @@ def register_model(
             warnings.filterwarnings("ignore", ".*An input example was not provided", UserWarning)
             info = mlflow.pyfunc.log_model(
                 name="merged_model",
-                python_model=str(MODEL_CODE),
+                python_model=str(ROUTED_MODEL_CODE if files.routed else MODEL_CODE),
                 artifacts=model_artifacts,
-                signature=_signature(),
+                signature=_routed_signature() if files.routed else _signature(),
                 pip_requirements=["mergeflow", "torch", "open_clip_torch", "safetensors", "pandas"],
             )
             run_id = run.info.run_id
@@ -257,8 +284,10 @@ def _write_model_files(files: ModelFiles, folder: Path) -> dict[str, str]:
     if files.weights is not None:
         state = files.weights() if callable(files.weights) else files.weights
         artifacts["weights"] = save(state, "weights.safetensors")
-    else:
+    elif files.index_path is not None:
         artifacts["index"] = str(files.index_path)
+    else:
+        artifacts["twin"] = str(files.twin_path)
     if files.complement:
         artifacts["complement"] = save(files.complement, "complement.safetensors")
     meta = {

@@ -13,7 +13,7 @@ from mergeflow import stats
 from mergeflow.evaluation import summarize
 from mergeflow.selection import GridPoint
 
-KINDS = ("data-free", "data-aware", "per-task", "reference")
+KINDS = ("data-free", "data-aware", "routed", "per-task", "reference")
 
 
 def compare(
@@ -146,13 +146,13 @@ def markdown(
 
 def table(comparison: Mapping[str, dict], tasks: Sequence[str]) -> str:
     """Report accuracy (%) per task and mean, with the mean's 95% interval where known: the
-    references, data-free merges, data-aware merges and per-task models (compression)
-    apart, each group sorted by mean accuracy."""
+    references, data-free merges, data-aware merges, routed models and per-task models
+    (compression) apart, each group sorted by mean accuracy."""
     label = max(17, *(len(n) + 1 for n in comparison))
     width = max(7, *(len(t) for t in tasks))
     header = f"{'method':{label}s}" + "".join(f"{t[:width]:>{width + 1}s}" for t in tasks)
     lines = [header + "   mean  95% interval"]
-    for kind in ("reference", "data-free", "data-aware", "per-task"):
+    for kind in ("reference", "data-free", "data-aware", "routed", "per-task"):
         names = sorted(
             (n for n, s in comparison.items() if s.get("kind", "data-free") == kind),
             key=lambda n: comparison[n]["mean_accuracy"],
@@ -188,6 +188,18 @@ def adaptation_lines(comparison: Mapping[str, dict]) -> list[str]:
                     f", objective {info['objective_before']:.3f} -> {info['objective_after']:.3f}"
                 )
             lines.append(f"{line}, samples used {100 * share:.0f}%")
+        elif "router_held_out_accuracy" in info:
+            routed = info["router_held_out_accuracy"]
+            which = "held-out" if routed is not None else "training"
+            routed = routed if routed is not None else info["router_train_accuracy"]
+            line = f"  {name}: the router names the task of {100 * routed:.0f}% of {which} images"
+            if info.get("checkpoint_bytes"):
+                line += (
+                    f"; stored in {info['stored_bytes'] / 2**20:.1f} MiB, "
+                    f"{info['stored_bytes'] / info['checkpoint_bytes']:.2f} of the fine-tuned "
+                    "checkpoints'"
+                )
+            lines.append(line)
     return lines
 
 
@@ -224,6 +236,9 @@ def text(result: Mapping) -> str:
     lines.append(f"registered: {registration_line(registration)}")
     if compression and compression.get("registration"):
         lines.append(f"registered the index: {registration_line(compression['registration'])}")
+    routed = result.get("routed")
+    if routed:
+        lines.append(f"registered {routed['label']}: {registration_line(routed['registration'])}")
     if result.get("charts"):
         lines.append("charts:")
         lines += [f"  {path}" for path in result["charts"].values()]

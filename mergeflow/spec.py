@@ -168,6 +168,13 @@ class FamilySpec(MethodSpec):
 
     @model_validator(mode="after")
     def check_points(self) -> FamilySpec:
+        from mergeflow.twin import ROUTED
+
+        if self.method in ROUTED:
+            raise ValueError(
+                f"{self.method!r} builds a routed model, not one set of weights the grid can "
+                "select and register: list it under baselines"
+            )
         for point in self.points():
             point.check_method()
         return self
@@ -193,6 +200,20 @@ class CompressionSpec(_Frozen):
     )
     register_model: bool = Field(
         False, description="also register it, as REGISTERED_MODEL-indexed, taking the task name"
+    )
+
+
+class AlignSpec(_Frozen):
+    """Weight matching before any merge (:mod:`mergeflow.align`), for checkpoints that did
+    not start from one base: every task's open_clip image tower is permuted onto the
+    reference task's (the same function, the reference's coordinates)."""
+
+    reference: str | None = Field(
+        None,
+        description="the task whose checkpoint the others are aligned onto; default: the first",
+    )
+    heads: int | None = Field(
+        None, gt=0, description="attention heads per block; default: from the model's config"
     )
 
 
@@ -243,6 +264,11 @@ class MergeSpec(_Frozen):
     )
     compression: CompressionSpec | None = Field(
         None, description="also build and score a CART index (compression)"
+    )
+    align: AlignSpec | None = Field(
+        None,
+        description="permute the checkpoints onto one task's by weight matching first (for "
+        "checkpoints fine-tuned from different initializations)",
     )
     registered_model: str = Field(description="MLflow registered-model name")
     device: str = Field("auto", description="auto (CUDA when present), cpu or cuda")
@@ -345,6 +371,11 @@ class MergeSpec(_Frozen):
         if dupes:
             repeated = ", ".join(repr(n) for n in dupes)
             raise ValueError(f"tasks: task names must be distinct: {repeated} more than once")
+        if self.align is not None and self.align.reference not in (None, *names):
+            raise ValueError(
+                f"align.reference: {self.align.reference!r} is not one of the tasks "
+                f"({', '.join(names)})"
+            )
         checkpoints = [t.checkpoint for t in self.tasks]
         if len(set(checkpoints)) != len(checkpoints):
             twice = next(c for c in checkpoints if checkpoints.count(c) > 1)

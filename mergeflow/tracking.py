@@ -162,24 +162,42 @@ def log_index_run(
 ) -> str:
     """Log the CART index's run (its size against the checkpoints, each task's report
     accuracy of the rebuilt models) in the spec's experiment; returns its run id."""
+    assert spec.compression is not None
+    settings = spec.compression.model_dump(exclude={"register_model"}, exclude_none=True)
+    storage = {
+        "index_bytes": compression["index_bytes"],
+        "checkpoint_bytes": compression["checkpoint_bytes"],
+        "storage_ratio": compression["ratio"],
+    }
+    return log_side_run(spec, "cart_indexed", settings, summary, storage, lineage)
+
+
+def log_side_run(
+    spec: MergeSpec,
+    method: str,
+    settings: Mapping,
+    summary: Mapping,
+    metrics: Mapping[str, float],
+    lineage: Mapping[str, str],
+) -> str:
+    """Log a model registered beside the winner (the CART index, a routed model): its
+    ``metrics``, each task's report accuracy, its method and settings, in the spec's
+    experiment; returns the run id."""
     import mlflow
 
-    assert spec.compression is not None
     _use_experiment(_experiment_name(spec))
-    settings = spec.compression.model_dump(exclude={"register_model"}, exclude_none=True)
-    with mlflow.start_run(run_name=f"cart_indexed {settings}") as run:
+    with mlflow.start_run(run_name=f"{method} {dict(settings)}") as run:
         mlflow.set_tags(dict(lineage))
         mlflow.log_metrics(
             {
-                "index_bytes": compression["index_bytes"],
-                "checkpoint_bytes": compression["checkpoint_bytes"],
-                "storage_ratio": compression["ratio"],
+                **metrics,
                 "report_mean_accuracy": summary["mean_accuracy"],
                 SCORE_METRIC: summary["mean_normalized"],
                 **{f"report_accuracy.{t}": a for t, a in summary["accuracy"].items()},
             }
         )
-        mlflow.log_params({"method": "cart_indexed", **settings, "model": spec.model})
+        flat = {k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in settings.items()}
+        mlflow.log_params({"method": method, **flat, "model": spec.model})
         return run.info.run_id
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from prefect import task
 
 from mergeflow import pipeline
-from mergeflow.candidates import AnyCandidate, DataAware
+from mergeflow.candidates import AnyCandidate, DataAware, Routed
 from mergeflow.evaluation import REPORT, SELECTION
 from mergeflow.run import RunInputs, open_run
 from mergeflow.selection import GridPoint, Selection
@@ -65,6 +65,16 @@ def adapt(inputs: RunInputs, candidate: DataAware) -> str:
     the costly part of these methods."""
     uri, _ = candidate.adapted(open_run(inputs))
     return uri
+
+
+@task(
+    name="align checkpoints",
+    task_run_name="align the checkpoints of {inputs.spec.registered_model}",
+)
+def align_checkpoints(inputs: RunInputs) -> RunInputs:
+    """Permute each checkpoint onto the reference task's (weight matching), when the spec
+    asks; the inputs then name the aligned files in the result store."""
+    return pipeline.align_checkpoints(inputs)
 
 
 @task(name="score", task_run_name="score {candidate.label} on {split}")
@@ -129,6 +139,16 @@ def register_winner(
 def register_index(inputs: RunInputs, compression: dict, summary: dict, lineage: dict) -> dict:
     """Register the CART index as one model that takes the task name (once per index)."""
     return pipeline.register_index(open_run(inputs), compression, summary, lineage)
+
+
+@task(
+    name="register routed model",
+    task_run_name="register {inputs.spec.registered_model}-routed",
+    **RETRY_ON_SERVER_ERRORS,
+)
+def register_routed(inputs: RunInputs, routed: Routed, summary: dict, lineage: dict) -> dict:
+    """Register a Twin-Merging routed model as one model that routes each image itself."""
+    return pipeline.register_routed(open_run(inputs), routed, summary, lineage)
 
 
 @task(name="draw charts", task_run_name="draw charts of {name}")

@@ -47,6 +47,47 @@ def tiny_tower_state(seed: int = 0, width: int = 32, layers: int = 2) -> dict[st
     return {f"visual.{k}": v.detach().clone() for k, v in tower.state_dict().items()}
 
 
+def tiny_tower(state: dict[str, torch.Tensor]):
+    """The open_clip VisionTransformer of :func:`tiny_tower_state` (width 32, 2 layers)
+    holding ``state`` (names with or without ``visual.``)."""
+    from open_clip.transformer import VisionTransformer
+
+    tower = VisionTransformer(
+        image_size=16, patch_size=8, width=32, layers=2, heads=2, mlp_ratio=2.0, output_dim=16
+    )
+    tower.load_state_dict({k.removeprefix("visual."): v for k, v in state.items()})
+    return tower
+
+
+class TinyClip(torch.nn.Module):
+    """What a data-aware method runs: an image tower and CLIP's logit scale."""
+
+    def __init__(self, visual):
+        super().__init__()
+        self.visual = visual
+        self.logit_scale = torch.nn.Parameter(torch.tensor(2.3))
+
+
+def tiny_data_aware_inputs(num_tasks: int = 3, samples: int = 8, classes: int = 5):
+    """``(base, finetuned, samples, inputs)``: a tiny tower, ``num_tasks`` fine-tuned-like
+    copies, random images and heads per task, and the DataAwareInputs over them."""
+    from mergeflow.data_aware import DataAwareInputs, TaskSamples
+
+    base = tiny_tower_state(seed=5, width=32, layers=2)
+    finetuned = finetune_like(base, num_tasks=num_tasks, seed=9, strength=0.2)
+    gen = torch.Generator().manual_seed(4)
+    task_samples = [
+        TaskSamples(
+            f"task{t}",
+            torch.randn(samples, 3, 16, 16, generator=gen),
+            torch.randn(classes, 16, generator=gen),
+        )
+        for t in range(num_tasks)
+    ]
+    inputs = DataAwareInputs(TinyClip(tiny_tower(base)), base, finetuned, task_samples)
+    return base, finetuned, task_samples, inputs
+
+
 def order_statistics_of(chunks, ranks) -> list[float]:
     """The values at ``ranks`` of the stream ``chunks``, by OrderStatistics' two passes."""
     from mergeflow.order_stats import OrderStatistics

@@ -121,3 +121,65 @@ def test_mergeflow_align_writes_the_permuted_model(tmp_path, images, capsys):
     aligned = load_state_dict(out)
     for key in state:
         torch.testing.assert_close(aligned[key], state[key], atol=1e-12, rtol=0, msg=key)
+
+
+def test_the_spec_aligns_checkpoints_before_merging(zoo, tmp_path):
+    """A task fine-tuned from a permuted copy of the base (the same function, other
+    coordinates: its checkpoint is the zoo's, permuted): merged unaligned, the average
+    loses accuracy; the spec's ``align`` step finds the permutation back."""
+    from conftest import run_of
+
+    from mergeflow import pipeline
+    from mergeflow.candidates import FixedMethod
+    from mergeflow.checkpoints import load_state_dict, save_state_dict
+    from mergeflow.evaluation import SELECTION
+    from mergeflow.run import RunInputs
+    from mergeflow.spec import AlignSpec
+    from zoo.zoo import zoo_spec
+
+    folder, manifest = zoo
+    spec = zoo_spec(manifest, str(folder), "zoo-align", device="cpu")
+    moved = spec.tasks[1]
+    state = load_state_dict(moved.checkpoint)
+    heads = pipeline._tower_heads(spec.model)
+    permuted = permute(state, VitPermutation.random(vit_layout(state, heads), 3),
+                       vit_layout(state, heads))  # fmt: skip
+    other = tmp_path / "permuted.safetensors"
+    save_state_dict(permuted, str(other))
+    tasks = (spec.tasks[0], moved.model_copy(update={"checkpoint": str(other)}), *spec.tasks[2:])
+    unaligned = spec.model_copy(update={"tasks": tasks, "base_check": "off"})
+    aligned_spec = unaligned.model_copy(update={"align": AlignSpec()})
+    cache = tmp_path / "cache"
+    aligned_inputs = pipeline.align_checkpoints(RunInputs.resolve(aligned_spec, str(cache)))
+    assert aligned_inputs.spec.align is None
+    back = load_state_dict(aligned_inputs.spec.tasks[1].checkpoint)
+    for key in state:
+        torch.testing.assert_close(back[key], state[key], msg=key)
+    assert aligned_inputs.spec.tasks[0].checkpoint == spec.tasks[0].checkpoint
+
+    average = FixedMethod(name="average", label="average")
+    scores = {
+        name: pipeline.score(run, average, SELECTION)
+        for name, run in [
+            ("original", run_of(spec, cache)),
+            ("unaligned", run_of(unaligned, cache)),
+        ]
+    }
+    from mergeflow.run import open_run
+
+    scores["aligned"] = pipeline.score(open_run(aligned_inputs), average, SELECTION)
+    mean = {name: sum(s.values()) / len(s) for name, s in scores.items()}
+    assert mean["aligned"] == pytest.approx(mean["original"], abs=1e-6)
+    assert mean["unaligned"] < mean["original"] - 0.02
+
+
+def test_an_align_reference_must_be_a_task(zoo):
+    from zoo.zoo import zoo_spec
+
+    folder, manifest = zoo
+    data = zoo_spec(manifest, str(folder), "zoo-align").model_dump(mode="json")
+    data["align"] = {"reference": "nope"}
+    from mergeflow.spec import MergeSpec
+
+    with pytest.raises(ParameterError, match="align.reference: 'nope' is not one of the tasks"):
+        MergeSpec.parse(data)

@@ -147,7 +147,7 @@ def run_main(argv):
     [
         (
             ["--method", "slerp"],
-            r"unknown merge method 'slerp' \(known: adamerging, average, cart, .*ties, tsv_m\)",
+            r"unknown merge method 'slerp' \(known: adamerging, average, .*, twin_merging\)",
         ),
         (["--method", "cart", "--param", "rank=0.1"], r"method 'cart' has no parameter 'rank'"),
         (["--method", "cart", "--param", "rank_ratio=1.5"], r"parameter 'rank_ratio'.*1\.5"),
@@ -217,8 +217,8 @@ def test_missing_checkpoint_is_named(checkpoints, tmp_path, capsys):
 
 def test_methods_lists_every_registered_method(capsys):
     from mergeflow.continual import CONTINUAL
-    from mergeflow.data_aware import DATA_AWARE
-    from mergeflow.methods import METHODS
+    from mergeflow.methods import METHODS, all_methods
+    from mergeflow.twin import ROUTED
 
     assert main(["methods"]) == 0
     out = capsys.readouterr().out
@@ -227,9 +227,13 @@ def test_methods_lists_every_registered_method(capsys):
     def names(text):
         return {line.split()[0] for line in text.splitlines() if line and not line[0].isspace()}
 
-    assert names(one_shot) == set(METHODS) | set(DATA_AWARE)
+    assert names(one_shot) == set(all_methods())
+    assert "twin_merging" in ROUTED and "concrete" in all_methods()
     assert names(continual.split("\n", 1)[1]) == set(CONTINUAL)
-    for name, method in {**METHODS, **DATA_AWARE}.items():
+    for name, method in all_methods().items():
+        needs = "[needs samples: pipeline only]"
+        line = next(line for line in one_shot.splitlines() if line.startswith(f"{name} "))
+        assert (needs in line) == (name not in METHODS), name
         assert method.reference in one_shot, name
         assert method.describe_params() in one_shot, name
     for name, method in CONTINUAL.items():

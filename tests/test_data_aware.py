@@ -190,3 +190,70 @@ def test_adaptation_keeps_mean_accuracy_on_the_demo_zoo(demo_zoo_context, candid
     info = adapted.learned(run)
     assert info["objective_after"] < info["objective_before"]
     assert after >= before, f"mean test accuracy {before:.4f} -> {after:.4f} ({info})"
+
+
+def test_relaxed_bernoulli_is_torchs_sample_from_the_same_generator_state():
+    from mergeflow.data_aware.concrete import relaxed_bernoulli
+
+    logits = torch.linspace(-3, 3, 40).reshape(5, 8)
+    torch.manual_seed(7)
+    reference = torch.distributions.RelaxedBernoulli(0.5, logits=logits).rsample()
+    ours = relaxed_bernoulli(logits, 0.5, torch.Generator().manual_seed(7))
+    torch.testing.assert_close(ours, reference)
+    # a lower temperature pushes the samples towards 0 and 1
+    cold = relaxed_bernoulli(logits, 0.01, torch.Generator().manual_seed(7))
+    assert ((cold < 0.01) | (cold > 0.99)).float().mean() > 0.9
+
+
+@pytest.fixture(scope="module")
+def tiny_inputs():
+    from conftest import tiny_data_aware_inputs
+
+    return tiny_data_aware_inputs()
+
+
+def test_concrete_without_steps_is_task_arithmetic(tiny_inputs):
+    from mergeflow.data_aware.concrete import ConcreteParams, run_concrete
+
+    base, finetuned, _, inputs = tiny_inputs
+    merged = run_concrete(inputs, ConcreteParams(steps=0, scale=0.3)).state
+    for key in base:
+        expected = base[key] + 0.3 * sum(ft[key] - base[key] for ft in finetuned)
+        torch.testing.assert_close(merged[key], expected, atol=1e-6, rtol=1e-5, msg=key)
+
+
+@pytest.mark.parametrize("over", ["task_arithmetic", "adamerging"])
+def test_concrete_learns_a_mask_that_lowers_the_entropy(tiny_inputs, over):
+    from mergeflow.data_aware.concrete import ConcreteParams, run_concrete
+
+    *_, inputs = tiny_inputs
+    params = ConcreteParams(over=over, steps=15, lr=5e-2, adamerging_steps=5, batch_size=8)
+    outcome = run_concrete(inputs, params)
+    assert outcome.info["entropy_after"] < outcome.info["entropy_before"]
+    # the mask moved away from p = 0.5 (logits 0) in most entries
+    assert outcome.info["mask_keep_share"] != pytest.approx(0.5, abs=1e-3)
+    if over == "adamerging":
+        assert set(outcome.info["coefficients"]) == {"task0", "task1", "task2"}
+
+
+def test_concrete_final_mask_is_deterministic(tiny_inputs):
+    from mergeflow.data_aware.concrete import ConcreteParams, run_concrete
+
+    *_, inputs = tiny_inputs
+    params = ConcreteParams(steps=3, lr=5e-2, final_mask="sample", batch_size=8)
+    first, again = (run_concrete(inputs, params).state for _ in range(2))
+    other = run_concrete(inputs, params.model_copy(update={"seed": 1})).state
+    expected = run_concrete(inputs, params.model_copy(update={"final_mask": "expected"})).state
+    key = "visual.transformer.resblocks.0.mlp.c_fc.weight"
+    torch.testing.assert_close(first[key], again[key], atol=0, rtol=0)
+    assert not torch.allclose(first[key], other[key])
+    assert not torch.allclose(first[key], expected[key])
+
+
+def test_concrete_runs_in_the_pipeline(local_zoo):
+    run, _ = local_zoo
+    adapted = candidate("concrete", steps=4, lr=5e-2, samples=16)
+    info = adapted.learned(run)
+    assert info["over"] == "task_arithmetic"
+    assert info["masked_tensors"] > 0
+    assert info["entropy_after"] < info["entropy_before"]

@@ -623,8 +623,7 @@ def test_every_method_names_its_paper_and_validates_its_parameters():
 
 
 def test_parameter_errors_name_the_field_its_value_and_what_a_method_takes():
-    from mergeflow.data_aware import DATA_AWARE
-    from mergeflow.methods import find_method
+    from mergeflow.methods import all_methods, find_method
 
     with pytest.raises(ParameterError) as nested:
         METHODS["cart"].parse_params({"include": ["attn", 3]})
@@ -641,7 +640,7 @@ def test_parameter_errors_name_the_field_its_value_and_what_a_method_takes():
     )
     with pytest.raises(ParameterError) as unknown:
         find_method("slerp")
-    known = ", ".join(sorted([*METHODS, *DATA_AWARE]))
+    known = ", ".join(sorted(all_methods()))
     assert str(unknown.value) == f"unknown merge method 'slerp' (known: {known})"
 
 

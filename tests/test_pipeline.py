@@ -52,6 +52,7 @@ def test_pipeline_registers_a_champion_that_classifies(
             "tall_masks",
             {"method": "regmean", "params": {"samples": 16}},
             {"method": "adamerging", "params": {"steps": 3, "samples": 16}},
+            {"method": "twin_merging", "label": "twin", "params": {"epochs": 20, "samples": 16}},
         ],
         compression={"rank_ratio": 0.25, "register_model": True},
     )
@@ -71,6 +72,7 @@ def test_pipeline_registers_a_champion_that_classifies(
         "cart_indexed rank_ratio=0.25",
         "regmean samples=16",
         "adamerging samples=16 steps=3",
+        "twin",
         best["label"],
         *result["family_best"].values(),
     } == set(comparison)
@@ -164,6 +166,31 @@ def test_pipeline_registers_a_champion_that_classifies(
     index = load_index(compression["path"])
     rebuilt = indexed.predict(frame)["label_index"].tolist()
     assert rebuilt == expected_labels(lambda task: index.rebuild(task, "cpu"))
+
+    # Twin-Merging is its own kind, registered as a model that routes each image itself
+    twin = result["comparison"]["twin"]
+    assert twin["kind"] == "routed"
+    assert result["routed"]["registration"]["name"] == "zoo-test-routed"
+    assert "registered twin: models:/zoo-test-routed/1" in report.text(result)
+    routed = mlflow.pyfunc.load_model("models:/zoo-test-routed@champion")
+    untold = routed.predict(frame.drop(columns="task"))
+    assert set(untold["task"]) <= set(TASKS)
+    told = routed.predict(frame)
+    assert told["task"].tolist() == frame["task"].tolist()
+    from mergeflow.twin import load_twin
+
+    twin_file = planned(spec, "twin").adapted(run)[1]
+    routed_model = load_twin(twin_file, context.model, context.base)
+    expected = []
+    for task in TASKS:
+        head = next(t.head for t in context.tasks if t.name == task)
+        images = torch.stack(
+            [transform(Image.open(io.BytesIO(b))) for b in frame[frame.task == task]["image"]]
+        )
+        expected += routed_model.logits(images, head).argmax(1).tolist()
+    assert told["label_index"].tolist() == expected
+    agree = untold["task"] == frame["task"]
+    assert (untold["label_index"][agree] == told["label_index"][agree]).all()
 
     # lineage: the spec, the code and the Prefect run that made it
     assert champion.tags["mergeflow.spec_digest"] == spec.digest()

@@ -35,6 +35,7 @@ from mergeflow.data_aware.base import (
     DataAwareInputs,
     DataAwareMethod,
     MergeOutcome,
+    assemble,
     entropy,
     image_logits,
     visual_keys,
@@ -189,15 +190,7 @@ def adapt(
     learned = coefficients.detach().cpu()
     with torch.no_grad():
         tower = {f"visual.{k}": v.cpu() for k, v in tower_params().items()}
-    merged_state: StateDict = {}
-    for key, reference in inputs.finetuned[0].items():
-        if not reference.is_floating_point():
-            merged_state[key] = reference.clone()
-        elif key in tower:
-            merged_state[key] = tower[key].to(reference.dtype)
-        else:
-            delta = sum((v[key] for v in vectors if key in v), torch.zeros_like(origin[key]))
-            merged_state[key] = (origin[key] + params.init * delta).to(reference.dtype)
+    merged_state = assemble(inputs.finetuned[0], tower, origin, vectors, params.init)
     info = {
         "granularity": params.granularity,
         "coefficients": {

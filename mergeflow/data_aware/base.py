@@ -79,3 +79,25 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
     """Shannon entropy (nats) of softmax(logits) per row."""
     log_p = torch.log_softmax(logits, dim=-1)
     return -(log_p.exp() * log_p).sum(-1)
+
+
+def assemble(
+    reference: Mapping[str, torch.Tensor],
+    tower: Mapping[str, torch.Tensor],
+    origin: Mapping[str, torch.Tensor],
+    vectors: Sequence[Mapping[str, torch.Tensor]],
+    scale: float,
+) -> StateDict:
+    """The whole merged state, in ``reference``'s keys and dtypes: the adapted ``tower``
+    (``visual.`` names) where it has the key, else origin + scale · Σ_t v_t (the tensors
+    the adaptation does not reach); non-floating tensors from ``reference``."""
+    merged: StateDict = {}
+    for key, value in reference.items():
+        if not value.is_floating_point():
+            merged[key] = value.clone()
+        elif key in tower:
+            merged[key] = tower[key].to(value.dtype)
+        else:
+            delta = sum((v[key] for v in vectors if key in v), torch.zeros_like(origin[key]))
+            merged[key] = (origin[key] + scale * delta).to(value.dtype)
+    return merged

@@ -43,21 +43,33 @@ METHODS: dict[str, MergeMethod] = {
 
 
 def find_method(name: str):
-    """The data-free (:class:`MergeMethod`) or data-aware method called ``name``; the error
-    lists the known ones."""
-    from mergeflow.data_aware import DATA_AWARE
-
-    if name in METHODS:
-        return METHODS[name]
-    if name in DATA_AWARE:
-        return DATA_AWARE[name]
-    known = ", ".join(sorted([*METHODS, *DATA_AWARE]))
+    """The data-free (:class:`MergeMethod`), data-aware or routed (Twin-Merging) method
+    called ``name``; the error lists the known ones."""
+    every = all_methods()
+    if name in every:
+        return every[name]
+    known = ", ".join(sorted(every))
     raise ParameterError(f"unknown merge method {name!r} (known: {known})")
+
+
+def all_methods() -> dict:
+    """Every method by name: data-free, data-aware (they read samples) and routed."""
+    from mergeflow.data_aware import DATA_AWARE
+    from mergeflow.twin import ROUTED
+
+    return {**METHODS, **DATA_AWARE, **ROUTED}
 
 
 def get_method(name: str) -> MergeMethod:
     """The data-free method called ``name``; a data-aware one is refused with the reason."""
+    from mergeflow.twin import RoutedMethod
+
     method = find_method(name)
+    if isinstance(method, RoutedMethod):
+        raise ParameterError(
+            f"method {name!r} builds a routed model and trains its router on samples of each "
+            "task: run it from a pipeline spec (as a baseline)"
+        )
     if not isinstance(method, MergeMethod):
         raise ParameterError(
             f"method {name!r} needs samples of each task: run it from a pipeline spec "
@@ -66,4 +78,4 @@ def get_method(name: str) -> MergeMethod:
     return method
 
 
-__all__ = ["METHODS", "MergeMethod", "MethodParams", "find_method", "get_method"]
+__all__ = ["METHODS", "MergeMethod", "MethodParams", "all_methods", "find_method", "get_method"]

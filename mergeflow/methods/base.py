@@ -51,14 +51,20 @@ class Described:
                     f"method {self.name!r} has no parameter {field!r} (it takes: {known})"
                 ) from None
             raise ParameterError(
-                f"method {self.name!r}, parameter {field!r}: {err['msg']}"
+                f"method {self.name!r}, parameter {field!r}: "
+                f"{err['msg'].removeprefix('Value error, ')}"
                 f" (got {err.get('input')!r})"
             ) from None
 
     def describe_params(self) -> str:
         parts = []
         for name, field in self.params.model_fields.items():
-            default = "required" if field.is_required() else f"default {field.default!r}"
+            if field.is_required():
+                default = "required"
+            elif field.default_factory is not None:
+                default = f"default {field.default_factory()!r}"
+            else:
+                default = f"default {field.default!r}"
             parts.append(f"{name} ({default})")
         return ", ".join(parts) or "no parameters"
 
