@@ -191,7 +191,7 @@ def alignment_comparison(manifest: dict, prefix: str, cache_dir: Path, demo_dir:
     since training is permutation-equivariant), merged as they are, unaligned and after the
     spec's ``align`` step: each method's mean report accuracy over the two tasks."""
     from mergeflow.align import VitPermutation, permute, vit_layout
-    from mergeflow.candidates import FixedMethod
+    from mergeflow.candidates import DataAware, FixedMethod
     from mergeflow.checkpoints import load_state_dict, save_state_dict
     from mergeflow.evaluation import REPORT
     from mergeflow.pipeline import _tower_heads, align_checkpoints, score
@@ -219,8 +219,11 @@ def alignment_comparison(manifest: dict, prefix: str, cache_dir: Path, demo_dir:
         ),
     }
     table = {}
-    for method, params in ALIGNMENT_METHODS:
-        candidate = FixedMethod(name=method, params=params, label=method)
+    candidates = [FixedMethod(name=m, params=p, label=m) for m, p in ALIGNMENT_METHODS]
+    # PLeaS: weight matching (the align step), then each layer refit by least squares
+    candidates.append(DataAware(name="pleas", params={"samples": 16}, label="pleas"))
+    for candidate in candidates:
+        method = candidate.label
         for setting, run_inputs in inputs.items():
             accuracy = score(open_run(run_inputs), candidate, REPORT)
             table.setdefault(method, {})[setting] = sum(accuracy.values()) / len(accuracy)

@@ -485,6 +485,13 @@ def _run_methods() -> int:
     for name, method in sorted(CONTINUAL.items()):
         print(f"{name:18s} {method.summary}")
         print(f"{'':18s} params: {method.describe_params()}")
+    print("\nbefore a merge, and inside one model:")
+    print(f"{'align':18s} weight matching: an open_clip tower permuted onto another's, the "
+          "same function (mergeflow align; a spec's align: {reference, heads})")  # fmt: skip
+    print(f"{'':18s} Ainsworth et al., Git Re-Basin, ICLR 2023")
+    print(f"{'mc_smoe':18s} fewer experts in one Mixtral-style MoE, grouped and merged by its "
+          "routing on calibration samples (mergeflow moe-merge)")  # fmt: skip
+    print(f"{'':18s} Li et al., Merge, Then Compress (MC-SMoE), ICLR 2024")
     return 0
 
 

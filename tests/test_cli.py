@@ -229,7 +229,9 @@ def test_methods_lists_every_registered_method(capsys):
 
     assert names(one_shot) == set(all_methods())
     assert "twin_merging" in ROUTED and "concrete" in all_methods()
+    continual, elsewhere = continual.split("\n\n", 1)
     assert names(continual.split("\n", 1)[1]) == set(CONTINUAL)
+    assert names(elsewhere.split("\n", 1)[1]) == {"align", "mc_smoe"}
     for name, method in all_methods().items():
         needs = "[needs samples: pipeline only]"
         line = next(line for line in one_shot.splitlines() if line.startswith(f"{name} "))

@@ -250,10 +250,52 @@ def test_concrete_final_mask_is_deterministic(tiny_inputs):
     assert not torch.allclose(first[key], expected[key])
 
 
-def test_concrete_runs_in_the_pipeline(local_zoo):
+def test_concrete_and_pleas_run_in_the_pipeline(local_zoo):
     run, _ = local_zoo
     adapted = candidate("concrete", steps=4, lr=5e-2, samples=16)
     info = adapted.learned(run)
     assert info["over"] == "task_arithmetic"
     assert info["masked_tensors"] > 0
     assert info["entropy_after"] < info["entropy_before"]
+    refit = candidate("pleas", samples=4).learned(run)
+    assert refit["images"] == 4 * len(run.task_names)
+    assert "visual.proj" in refit["fitted_by_least_squares"]
+
+
+def test_pleas_layer_solve_is_the_least_squares_fit():
+    from mergeflow.data_aware.pleas import least_squares_layer
+
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(200, 5, generator=gen)
+    true_w, true_b = torch.randn(3, 5, generator=gen), torch.randn(3, generator=gen)
+    y = x @ true_w.T + true_b
+    w, b = least_squares_layer(x, y, torch.zeros(3, 5), torch.zeros(3), ridge=0.0)
+    torch.testing.assert_close(w, true_w, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(b, true_b, atol=1e-5, rtol=1e-5)
+    # with a large ridge the fit stays at the prior (the models' average)
+    prior = torch.randn(3, 5, generator=gen)
+    w, _ = least_squares_layer(x, y, prior, None, ridge=1e8)
+    torch.testing.assert_close(w, prior, atol=1e-4, rtol=1e-4)
+
+
+def test_pleas_of_identical_models_is_that_model_and_refits_otherwise(tiny_inputs):
+    from mergeflow.data_aware.base import DataAwareInputs
+    from mergeflow.data_aware.pleas import PleasParams, run
+
+    base, finetuned, samples, inputs = tiny_inputs
+    same = DataAwareInputs(inputs.model, base, [finetuned[0]] * 3, samples)
+    merged = run(same, PleasParams(samples=4)).state
+    for key in finetuned[0]:
+        torch.testing.assert_close(merged[key], finetuned[0][key], atol=1e-4, rtol=1e-4, msg=key)
+    outcome = run(inputs, PleasParams(samples=4))
+    key = "visual.transformer.resblocks.0.mlp.c_fc.weight"
+    assert key in outcome.info["fitted_by_least_squares"]
+    assert (
+        "visual.transformer.resblocks.0.attn.in_proj_bias"
+        in outcome.info["fitted_by_least_squares"]
+    )
+    average = sum(ft[key] for ft in finetuned) / 3
+    assert not torch.allclose(outcome.state[key], average, atol=1e-4)
+    # the out projection cannot be hooked: it is the average
+    out = "visual.transformer.resblocks.0.attn.out_proj.weight"
+    torch.testing.assert_close(outcome.state[out], sum(ft[out] for ft in finetuned) / 3)

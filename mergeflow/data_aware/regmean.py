@@ -16,7 +16,7 @@ its inputs are not observable by hooks; it and every other tensor take the plain
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from pydantic import Field
@@ -49,10 +49,15 @@ def _accumulate(grams: dict[str, torch.Tensor], key: str, x: torch.Tensor) -> No
     grams[key] = grams[key] + x.T @ x if key in grams else x.T @ x
 
 
-def input_grams(model: torch.nn.Module, images: torch.Tensor, device) -> dict[str, torch.Tensor]:
-    """Gram matrices (in × in) of the inputs of every RegMean-merged weight of the image
-    tower, keyed by the weight's name, from one pass over ``images``."""
-    grams: dict[str, torch.Tensor] = {}
+def capture_inputs(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    device,
+    receive: Callable[[str, torch.Tensor], None],
+) -> None:
+    """One pass of ``images`` through ``model.visual`` calling ``receive(key, x)`` with the
+    input (…, in) of every weight RegMean and PLeaS solve for, keyed by the weight's name:
+    each attention input projection, each MLP Linear, and ``visual.proj``."""
     hooks = []
     for name, module in model.visual.named_modules():
         prefix = f"visual.{name}"
@@ -64,7 +69,7 @@ def input_grams(model: torch.nn.Module, images: torch.Tensor, device) -> dict[st
             continue
         hooks.append(
             module.register_forward_pre_hook(
-                lambda module, args, key=key: _accumulate(grams, key, args[0])
+                lambda module, args, key=key: receive(key, args[0].detach())
             )
         )
     # visual.proj is applied as ``pooled @ proj``, not by a module: with proj set aside the
@@ -79,7 +84,14 @@ def input_grams(model: torch.nn.Module, images: torch.Tensor, device) -> dict[st
         for hook in hooks:
             hook.remove()
     if proj is not None:
-        _accumulate(grams, "visual.proj", pooled)
+        receive("visual.proj", pooled)
+
+
+def input_grams(model: torch.nn.Module, images: torch.Tensor, device) -> dict[str, torch.Tensor]:
+    """Gram matrices (in × in) of the inputs of every RegMean-merged weight of the image
+    tower, keyed by the weight's name, from one pass over ``images``."""
+    grams: dict[str, torch.Tensor] = {}
+    capture_inputs(model, images, device, lambda key, x: _accumulate(grams, key, x))
     return grams
 
 
