@@ -231,3 +231,21 @@ def test_a_legacy_mixtral_folder_is_read_through_transformers_conversion(tmp_pat
         torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
     smaller, report = merge_experts(loaded, sequences(4), 3)
     assert smaller.config.num_local_experts == 3 and report["experts_before"] == 6
+
+
+def test_the_merge_moe_flow_writes_the_smaller_model(prefect_harness, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from flows.moe import merge_moe
+    from mergeflow.moe import MoeMergeSpec
+
+    folder = tmp_path / "mixtral"
+    tiny_mixtral().save_pretrained(folder)
+    calibration = tmp_path / "calibration.jsonl"
+    calibration.write_text("\n".join(json.dumps({"input_ids": s.tolist()}) for s in sequences()))
+    spec = MoeMergeSpec(
+        model=str(folder), calibration=str(calibration), out=str(tmp_path / "out"), experts=4
+    )
+    report = merge_moe(spec)
+    assert report["experts_after"] == 4
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "out").config.num_local_experts == 4
