@@ -237,7 +237,7 @@ def merge_experts(model, sequences: Sequence[torch.Tensor], experts: int, align:
             }
         )
     new_config = type(config).from_dict({**config.to_dict(), "num_local_experts": experts})
-    smaller = type(model)(new_config)
+    smaller = type(model)(new_config).to(model.dtype)  # a bf16 model stays bf16
     smaller.load_state_dict(state)
     smaller.eval()
     agreement = _routing_agreement(smaller, sequences, merged_blocks)

@@ -21,14 +21,14 @@ from mergeflow.moe import (
 )
 
 
-def tiny_mixtral(experts: int = 6, seed: int = 0):
+def tiny_mixtral(experts: int = 6, seed: int = 0, intermediate: int = 12):
     from formats import quiet_transformers
     from transformers import MixtralConfig, MixtralForCausalLM
 
     quiet_transformers()
     torch.manual_seed(seed)
     config = MixtralConfig(
-        vocab_size=80, hidden_size=16, intermediate_size=12, num_hidden_layers=2,
+        vocab_size=80, hidden_size=16, intermediate_size=intermediate, num_hidden_layers=2,
         num_attention_heads=2, num_key_value_heads=1, num_local_experts=experts,
         num_experts_per_tok=2, max_position_embeddings=64,
     )  # fmt: skip
@@ -231,6 +231,11 @@ def test_a_legacy_mixtral_folder_is_read_through_transformers_conversion(tmp_pat
         torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
     smaller, report = merge_experts(loaded, sequences(4), 3)
     assert smaller.config.num_local_experts == 3 and report["experts_before"] == 6
+    # a bf16 checkpoint gives a bf16 smaller model (not one twice its size); transformers'
+    # bf16 expert kernel wants rows of a multiple of 16 bytes
+    wide = tiny_mixtral(intermediate=16).to(torch.bfloat16)
+    half, _ = merge_experts(wide, sequences(4), 3)
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
 
 
 def test_the_merge_moe_flow_writes_the_smaller_model(prefect_harness, tmp_path):
