@@ -224,17 +224,15 @@ class TwinModel:
                 params[key] = self.shared[key] + delta.reshape(self.shared[key].shape)
         return params
 
-    def _features(self, images: torch.Tensor, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        from torch.func import functional_call
-
-        features = functional_call(self.model.visual, dict(params), (images,)).float()
-        return features / features.norm(dim=-1, keepdim=True)
+    def features(self, images: torch.Tensor, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Normalized features (N, D) of ``images`` through the tower with ``params``."""
+        return tower_features(self.model, params, images)
 
     @torch.no_grad()
     def route(self, images: torch.Tensor) -> torch.Tensor:
         """Routing weights (N, T): softmax of the router on θ*'s features."""
         self.router.eval()
-        return torch.softmax(self.router(self._features(images, self.shared)), -1)
+        return torch.softmax(self.router(self.features(images, self.shared)), -1)
 
     @torch.no_grad()
     def image_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -253,7 +251,7 @@ class TwinModel:
             rows = (group == g).nonzero().flatten()
             if mix is None or len(rows) == 0:
                 continue
-            out = self._features(images[rows], self.synthesize(mix))
+            out = self.features(images[rows], self.synthesize(mix))
             if features is None:
                 features = torch.empty(len(images), out.shape[1], device=out.device)
             features[rows] = out
@@ -276,6 +274,17 @@ class TwinModel:
             predicted = self.logits(batch, head).argmax(1).cpu()
             right.append(predicted == labels[start : start + len(batch)])
         return torch.cat(right)
+
+
+def tower_features(
+    model: torch.nn.Module, params: Mapping[str, torch.Tensor], images: torch.Tensor
+) -> torch.Tensor:
+    """Normalized image features (N, D) of ``model.visual`` run with ``params`` (tower
+    names, without ``visual.``)."""
+    from torch.func import functional_call
+
+    features = functional_call(model.visual, dict(params), (images,)).float()
+    return features / features.norm(dim=-1, keepdim=True)
 
 
 def _visual(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -338,30 +347,25 @@ def build_twin(
         twins.append(
             {k: compress(tuned[k].float() - shared[k].float(), params.density) for k in shared}
         )
-    twin = TwinModel(
-        model=model,
-        tasks=tuple(name for name, _ in samples),
-        shared={k: v.float() for k, v in shared.items()},
-        twins=twins,
-        router=Router(1, len(samples)),
-        routing=params.routing,
-    ).to(device)
-    twin.model.eval()
+    model = model.to(device).eval()
+    shared_on_device = {k: v.float().to(device) for k, v in shared.items()}
     train_x, train_y, test_x, test_y = [], [], [], []
     with torch.no_grad():
         for t, (_, images) in enumerate(samples):
             images = images[: params.samples].to(device)
-            features = twin._features(images, twin.shared)
+            features = tower_features(model, shared_on_device, images)
             keep = max(1, round(len(images) * (1 - params.held_out)))
             train_x.append(features[:keep])
             test_x.append(features[keep:])
             train_y.append(torch.full((keep,), t, device=device))
             test_y.append(torch.full((len(images) - keep,), t, device=device))
-    twin.router = train_router(torch.cat(train_x), torch.cat(train_y), len(samples), params)
+    router = train_router(torch.cat(train_x), torch.cat(train_y), len(samples), params)
     held_x, held_y = torch.cat(test_x), torch.cat(test_y)
     with torch.no_grad():
-        train_acc = (twin.router(torch.cat(train_x)).argmax(1) == torch.cat(train_y)).float()
-        held_acc = (twin.router(held_x).argmax(1) == held_y).float() if len(held_y) else None
+        train_acc = (router(torch.cat(train_x)).argmax(1) == torch.cat(train_y)).float()
+        held_acc = (router(held_x).argmax(1) == held_y).float() if len(held_y) else None
+    tasks = tuple(name for name, _ in samples)
+    twin = TwinModel(model, tasks, shared_on_device, twins, router, params.routing).to(device)
     twin_bytes = sum(v.num_bytes() for t in twins for v in t.values())
     shared_bytes = sum(v.numel() * v.element_size() for v in shared.values())
     info = {

@@ -111,7 +111,7 @@ def test_per_row_routing_is_the_papers_theta_of_x(tiny, monkeypatch):
     batch = torch.cat([images[0][1][:3], images[2][1][:3]])
     features, weights = twin.image_features(batch)
     for row in range(len(batch)):
-        alone = twin._features(batch[row : row + 1], twin.synthesize(weights[row]))
+        alone = twin.features(batch[row : row + 1], twin.synthesize(weights[row]))
         torch.testing.assert_close(features[row : row + 1], alone, atol=1e-5, rtol=1e-4)
     # the mean weights of a group are not any row's: per_task differs from per_row
     twin.routing = "per_task"
