@@ -249,7 +249,10 @@ def publish(spec, points, comparison, winner, registration, charts, compression)
         description="Report-split accuracy per task and method",
     )
     tasks = [t.name for t in spec.tasks]
-    storage = report.storage_line(compression, len(tasks))
+    storage = "\n\n".join(
+        [line for line in [report.storage_line(compression, len(tasks))] if line]
+        + [f"Routed: {line}" for line in report.routed_lines(comparison)]
+    )
     create_markdown_artifact(
         key=f"{key}-report",
         markdown=report.markdown(

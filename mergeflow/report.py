@@ -188,18 +188,28 @@ def adaptation_lines(comparison: Mapping[str, dict]) -> list[str]:
                     f", objective {info['objective_before']:.3f} -> {info['objective_after']:.3f}"
                 )
             lines.append(f"{line}, samples used {100 * share:.0f}%")
-        elif "router_held_out_accuracy" in info:
-            routed = info["router_held_out_accuracy"]
-            which = "held-out" if routed is not None else "training"
-            routed = routed if routed is not None else info["router_train_accuracy"]
-            line = f"  {name}: the router names the task of {100 * routed:.0f}% of {which} images"
-            if info.get("checkpoint_bytes"):
-                line += (
-                    f"; stored in {info['stored_bytes'] / 2**20:.1f} MiB, "
-                    f"{info['stored_bytes'] / info['checkpoint_bytes']:.2f} of the fine-tuned "
-                    "checkpoints'"
-                )
-            lines.append(line)
+    return lines
+
+
+def routed_lines(comparison: Mapping[str, dict]) -> list[str]:
+    """Each routed model (Twin-Merging): how often its router names an image's task, and
+    its storage against the fine-tuned checkpoints."""
+    lines = []
+    for name, summary in comparison.items():
+        info = summary.get("adaptation") or {}
+        if "router_held_out_accuracy" not in info:
+            continue
+        routed = info["router_held_out_accuracy"]
+        which = "held-out" if routed is not None else "training"
+        routed = routed if routed is not None else info["router_train_accuracy"]
+        line = f"{name}: the router names the task of {100 * routed:.0f}% of {which} images"
+        if info.get("checkpoint_bytes"):
+            line += (
+                f"; stored in {info['stored_bytes'] / 2**20:.1f} MiB, "
+                f"{info['stored_bytes'] / info['checkpoint_bytes']:.2f} of the fine-tuned "
+                "checkpoints'"
+            )
+        lines.append(line)
     return lines
 
 
@@ -226,6 +236,7 @@ def text(result: Mapping) -> str:
     adaptation = adaptation_lines(comparison)
     if adaptation:
         lines += ["test-time adaptation (coefficients are in MLflow, results.json):", *adaptation]
+    lines += [f"routed: {line}" for line in routed_lines(comparison)]
     compression = result.get("compression")
     if compression:
         lines.append(storage_line(compression, len(tasks)))

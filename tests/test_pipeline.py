@@ -171,7 +171,11 @@ def test_pipeline_registers_a_champion_that_classifies(
     twin = result["comparison"]["twin"]
     assert twin["kind"] == "routed"
     assert result["routed"]["registration"]["name"] == "zoo-test-routed"
-    assert "registered twin: models:/zoo-test-routed/1" in report.text(result)
+    text = report.text(result)
+    assert "registered twin: models:/zoo-test-routed/1" in text
+    (routed_line,) = report.routed_lines(result["comparison"])
+    assert routed_line.startswith("twin: the router names the task of ")
+    assert "of held-out images; stored in" in routed_line and f"routed: {routed_line}" in text
     routed = mlflow.pyfunc.load_model("models:/zoo-test-routed@champion")
     untold = routed.predict(frame.drop(columns="task"))
     assert set(untold["task"]) <= set(TASKS)
