@@ -194,7 +194,8 @@ def alignment_comparison(manifest: dict, prefix: str, cache_dir: Path, demo_dir:
     from mergeflow.candidates import DataAware, FixedMethod
     from mergeflow.checkpoints import load_state_dict, save_state_dict
     from mergeflow.evaluation import REPORT
-    from mergeflow.pipeline import _tower_heads, align_checkpoints, score
+    from mergeflow.models import image_tower_heads
+    from mergeflow.pipeline import align_checkpoints, score
     from mergeflow.run import RunInputs, open_run
     from mergeflow.spec import AlignSpec
     from mergeflow.storage import CheckpointCache
@@ -205,7 +206,7 @@ def alignment_comparison(manifest: dict, prefix: str, cache_dir: Path, demo_dir:
     permuted = demo_dir / "permuted" / f"{second.name}.safetensors"
     if not permuted.is_file():
         state = load_state_dict(second.checkpoint, CheckpointCache(str(cache_dir)))
-        layout = vit_layout(state, _tower_heads(spec.model))
+        layout = vit_layout(state, image_tower_heads(spec.model))
         permuted.parent.mkdir(parents=True, exist_ok=True)
         save_state_dict(permute(state, VitPermutation.random(layout, 0), layout), str(permuted))
     pair = spec.model_copy(update={"tasks": (first, second)})

@@ -1,5 +1,5 @@
-"""The merge pipeline: fetch → (align) → check → prepare → factorize → score the grid → select →
-report → register.
+"""The merge pipeline: fetch → (align) → check → prepare → factorize → score the grid →
+select → report → register.
 
 mergeflow run SPEC.yaml [--dask [ADDRESS]]   (or deploy it: prefect.yaml)
 
@@ -249,10 +249,9 @@ def publish(spec, points, comparison, winner, registration, charts, compression)
         description="Report-split accuracy per task and method",
     )
     tasks = [t.name for t in spec.tasks]
-    storage = "\n\n".join(
-        [line for line in [report.storage_line(compression, len(tasks))] if line]
-        + [f"Routed: {line}" for line in report.routed_lines(comparison)]
-    )
+    lines = [report.storage_line(compression, len(tasks))]
+    lines += [f"Routed: {line}" for line in report.routed_lines(comparison)]
+    storage = "\n\n".join(line for line in lines if line)
     create_markdown_artifact(
         key=f"{key}-report",
         markdown=report.markdown(

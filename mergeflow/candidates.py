@@ -259,8 +259,9 @@ class DataAware(FixedMethod):
             return json.loads(reader.metadata().get("mergeflow.info", "{}"))
 
     def _inputs(self, run: Run):
-        """What the method reads (open_clip names), and whether the checkpoints are in
-        transformers' names (the result is written back in them)."""
+        """What the method reads (open_clip names); whether the checkpoints are in
+        transformers' names (the result is written back in them); the open_clip keys the
+        checkpoints hold (the rest of ``inputs.finetuned`` is the base's)."""
         from mergeflow.data_aware import DataAwareInputs, TaskSamples
         from mergeflow.evaluation import ADAPTATION
         from mergeflow.hf_clip import is_hf_clip, to_open_clip
@@ -283,14 +284,14 @@ class DataAware(FixedMethod):
             samples=samples,
             device=resolve_device(run.spec.device),
         )
-        return inputs, native_hf
+        return inputs, native_hf, frozenset(to_open_clip(finetuned[0]))
 
     def _adapt(self, run: Run, uri: str) -> None:
         from mergeflow.checkpoints import save_state_dict
         from mergeflow.hf_clip import from_open_clip
 
         method, params = self._method()
-        inputs, native_hf = self._inputs(run)
+        inputs, native_hf, _ = self._inputs(run)
         outcome = method.run(inputs, params)
         state = from_open_clip(outcome.state) if native_hf else outcome.state
         metadata = {"mergeflow.method": method.name, "mergeflow.info": json.dumps(outcome.info)}
@@ -375,19 +376,16 @@ class Routed(DataAware):
             }
 
     def _adapt(self, run: Run, uri: str) -> None:
+        from mergeflow.pipeline import checkpoint_bytes
         from mergeflow.twin import build_twin, save_twin
 
         _, params = self._method()
-        inputs, _ = self._inputs(run)
+        inputs, _, held = self._inputs(run)
         samples = [(s.name, s.images) for s in inputs.samples]
-        from mergeflow.hf_clip import to_open_clip
-        from mergeflow.pipeline import checkpoint_bytes
-
         twin, shared, info = build_twin(
             inputs.model, inputs.base, inputs.finetuned, samples, params, inputs.device
         )
         # θ* is kept for the tensors the checkpoints hold (the rest is the base's)
-        held = to_open_clip(run.load_task_state(run.task_names[0])).keys()
         info["checkpoint_bytes"] = checkpoint_bytes(run)
         save_twin(twin, {k: v for k, v in shared.items() if k in held}, uri, info)
 

@@ -35,9 +35,9 @@ class RoutedClip(mlflow.pyfunc.PythonModel):
         complement = (
             load_file(context.artifacts["complement"]) if "complement" in context.artifacts else {}
         )
-        path = context.artifacts["twin"]
-        model = create_model(architecture, {**complement, **read_twin(path)[1]})
-        self.twin = load_twin(path, model, complement)
+        parts = read_twin(context.artifacts["twin"])
+        model = create_model(architecture, {**complement, **parts.shared})
+        self.twin = load_twin(parts, model, complement)
         self.transform = image_transform(model)
         self._to_pil = _to_pil
 

@@ -115,6 +115,19 @@ def _read_json(path: Path) -> dict:
         raise ParameterError(f"{path}: unreadable ({exc})") from None
 
 
+def image_tower_heads(model: str) -> int:
+    """Attention heads per block of the image tower of the architecture ``model`` names
+    (open_clip's width / head_width)."""
+    import open_clip
+
+    architecture = resolve_model(model)
+    config = architecture.model_cfg or open_clip.get_model_config(architecture.name)
+    if not config or "vision_cfg" not in config:
+        raise ParameterError(f"{model}: no image tower config; give align.heads")
+    vision = config["vision_cfg"]
+    return int(vision["width"]) // int(vision.get("head_width", 64))
+
+
 def is_model_reference(name: str) -> bool:
     """Whether ``name`` could name a model: a registered open_clip config, a local folder,
     or a hub id (``ORG/NAME`` or ``hf://ORG/NAME``); nothing is fetched."""

@@ -179,9 +179,8 @@ def merge_layer(
     new_gate, new_up, new_down = [], [], []
     for members in groups.groups:
         weights = groups.usage[list(members)].double()
-        weights = weights / weights.sum() if weights.sum() > 0 else torch.full_like(
-            weights, 1 / len(members)
-        )  # fmt: skip
+        total = weights.sum()
+        weights = weights / total if total > 0 else torch.full_like(weights, 1 / len(members))
         dominant = members[0]
         up_sum = torch.zeros_like(gate_up[dominant], dtype=torch.float64)
         down_sum = torch.zeros_like(down[dominant], dtype=torch.float64)
@@ -214,7 +213,7 @@ def merge_experts(model, sequences: Sequence[torch.Tensor], experts: int, align:
     stats = routing_statistics(model, sequences)
     blocks = moe_layers(model)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    prefixes = {id(b): name for name, b in model.named_modules() if any(b is x for x in blocks)}
+    prefixes = {id(module): name for name, module in model.named_modules()}
     layers, merged_blocks = [], []
     for block, (usage, similarity, top) in zip(blocks, stats, strict=True):
         groups = group_experts(usage, similarity, experts)

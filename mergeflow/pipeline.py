@@ -46,11 +46,16 @@ def align_checkpoints(inputs: RunInputs) -> RunInputs:
     spec = inputs.spec
     if spec.align is None:
         return inputs
+    from functools import cache
+
+    from mergeflow.models import image_tower_heads
+
     run = Run(inputs)
     reference = spec.align.reference or spec.tasks[0].name
     reference_uri = run.checkpoint_of(reference)
-    heads = spec.align.heads or _tower_heads(spec.model)
-    reference_state = run.load_task_state(reference)
+    heads = spec.align.heads or image_tower_heads(spec.model)
+    # read only when an aligned file is not in the store yet
+    reference_state = cache(lambda: run.load_task_state(reference))
     tasks, digests = [], dict(inputs.digests)
     for t in spec.tasks:
         if t.name == reference:
@@ -60,7 +65,7 @@ def align_checkpoints(inputs: RunInputs) -> RunInputs:
         name = f"{key}.safetensors"
 
         def build(uri: str, task=t) -> None:
-            aligned, _ = match_weights(reference_state, run.load_task_state(task.name), heads)
+            aligned, _ = match_weights(reference_state(), run.load_task_state(task.name), heads)
             origin = {
                 "mergeflow.aligned_to": reference_uri,
                 "mergeflow.aligned_from": task.checkpoint,
@@ -74,20 +79,6 @@ def align_checkpoints(inputs: RunInputs) -> RunInputs:
         tasks.append(t.model_copy(update={"checkpoint": uri}))
     aligned_spec = spec.model_copy(update={"tasks": tuple(tasks), "align": None})
     return RunInputs(spec=aligned_spec, digests=digests, cache_dir=inputs.cache_dir)
-
-
-def _tower_heads(model: str) -> int:
-    """Attention heads per block of ``model``'s image tower (open_clip's width / head_width)."""
-    import open_clip
-
-    from mergeflow.models import resolve_model
-
-    architecture = resolve_model(model)
-    config = architecture.model_cfg or open_clip.get_model_config(architecture.name)
-    if not config or "vision_cfg" not in config:
-        raise ParameterError(f"{model}: no image tower config; give align.heads")
-    vision = config["vision_cfg"]
-    return int(vision["width"]) // int(vision.get("head_width", 64))
 
 
 def check_bases(run: Run) -> dict[str, float]:

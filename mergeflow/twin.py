@@ -407,18 +407,35 @@ def save_twin(twin: TwinModel, shared_state: StateDict, path: str, info: Mapping
     save_state_dict({k: v.contiguous() for k, v in tensors.items()}, path, metadata)
 
 
-def read_twin(path: str) -> tuple[dict, StateDict, list[dict[str, TwinVector]], dict]:
-    """The layout, θ*'s state, the twin vectors and the router's state of a file written by
-    :func:`save_twin`; anything else is refused, naming the file."""
+@dataclass(frozen=True)
+class TwinFile:
+    """What a file written by :func:`save_twin` holds: its ``layout`` (tasks, routing,
+    shapes), θ*'s state (``shared``, the checkpoints' keys), the ``twins`` and the router's
+    state."""
+
+    layout: dict
+    shared: StateDict
+    twins: list[dict[str, TwinVector]]
+    router: StateDict
+
+
+def _layout(reader, path: str) -> dict:
+    meta = reader.metadata()
+    if "mergeflow.twin" not in meta:
+        raise ParameterError(f"{path}: not a Twin-Merging file (no mergeflow.twin metadata)")
+    layout = json.loads(meta["mergeflow.twin"])
+    if layout.get("format") != FORMAT:
+        raise ParameterError(f"{path}: Twin-Merging format {layout.get('format')!r} unknown")
+    return layout
+
+
+def read_twin(path: str) -> TwinFile:
+    """The file ``path`` written by :func:`save_twin`; anything else is refused, naming
+    the file."""
     from mergeflow.checkpoints import open_checkpoint
 
     with open_checkpoint(path) as reader:
-        meta = reader.metadata()
-        if "mergeflow.twin" not in meta:
-            raise ParameterError(f"{path}: not a Twin-Merging file (no mergeflow.twin metadata)")
-        layout = json.loads(meta["mergeflow.twin"])
-        if layout.get("format") != FORMAT:
-            raise ParameterError(f"{path}: Twin-Merging format {layout.get('format')!r} unknown")
+        layout = _layout(reader, path)
         tensors = reader.to_state_dict()
     shared = {k.removeprefix("shared."): v for k, v in tensors.items() if k.startswith("shared.")}
     router = {k.removeprefix("router."): v for k, v in tensors.items() if k.startswith("router.")}
@@ -435,26 +452,33 @@ def read_twin(path: str) -> tuple[dict, StateDict, list[dict[str, TwinVector]], 
                     raise ParameterError(f"{path}: task {t} has no twin vector for {key}")
                 vectors[key] = TwinVector(tuple(shape), a=a, b=b)
         twins.append(vectors)
-    return layout, shared, twins, router
+    return TwinFile(layout, shared, twins, router)
 
 
 def shared_keys(path: str) -> set[str]:
-    """The keys of θ* a Twin-Merging file holds (the rest of a model is the base's)."""
-    return set(read_twin(path)[1])
+    """The keys of θ* a Twin-Merging file holds (the rest of a model is the base's), read
+    from its header: no tensor is loaded."""
+    from mergeflow.checkpoints import open_checkpoint
+
+    with open_checkpoint(path) as reader:
+        _layout(reader, path)
+        held = reader.layout()
+        return {k.removeprefix("shared.") for k in held if k.startswith("shared.")}
 
 
-def load_twin(path: str, model: torch.nn.Module, complement: StateDict | None = None) -> TwinModel:
-    """The routed model in ``path`` (:func:`save_twin`) over ``model`` (open_clip, of the
-    checkpoints' architecture), whose weights become θ* (plus ``complement``: tensors the
-    checkpoints lack)."""
+def load_twin(
+    source: str | TwinFile, model: torch.nn.Module, complement: StateDict | None = None
+) -> TwinModel:
+    """The routed model in ``source`` (a path written by :func:`save_twin`, or its
+    :func:`read_twin`) over ``model`` (open_clip, of the checkpoints' architecture), whose
+    weights become θ* (plus ``complement``: tensors the checkpoints lack)."""
     from mergeflow.hf_clip import to_open_clip
 
-    layout, shared_state, twins, router_state = read_twin(path)
-    whole = to_open_clip({**(complement or {}), **shared_state})
+    parts = read_twin(source) if isinstance(source, str) else source
+    whole = to_open_clip({**(complement or {}), **parts.shared})
     model.load_state_dict(whole)
-    router = Router(layout["feature_dim"], len(layout["tasks"]))
-    router.load_state_dict(router_state)
+    router = Router(parts.layout["feature_dim"], len(parts.layout["tasks"]))
+    router.load_state_dict(parts.router)
     shared = {k: v.float() for k, v in _visual(whole).items()}
-    return TwinModel(
-        model.eval(), tuple(layout["tasks"]), shared, twins, router.eval(), layout["routing"]
-    )
+    tasks, routing = tuple(parts.layout["tasks"]), parts.layout["routing"]
+    return TwinModel(model.eval(), tasks, shared, parts.twins, router.eval(), routing)

@@ -141,7 +141,9 @@ def test_the_spec_aligns_checkpoints_before_merging(zoo, tmp_path):
     spec = zoo_spec(manifest, str(folder), "zoo-align", device="cpu")
     moved = spec.tasks[1]
     state = load_state_dict(moved.checkpoint)
-    heads = pipeline._tower_heads(spec.model)
+    from mergeflow.models import image_tower_heads
+
+    heads = image_tower_heads(spec.model)
     permuted = permute(state, VitPermutation.random(vit_layout(state, heads), 3),
                        vit_layout(state, heads))  # fmt: skip
     other = tmp_path / "permuted.safetensors"

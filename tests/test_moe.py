@@ -138,8 +138,8 @@ def test_merging_into_fewer_experts_gives_a_model_transformers_loads(tmp_path):
 
 
 def test_keeping_every_dominant_router_row_is_the_original_routing():
-    """With groups of one (no expert merged away) the merge changes nothing: the model's
-    outputs are the original's (the smallest real check of the bookkeeping)."""
+    """With groups of one (no expert merged away) the merge changes nothing: every layer's
+    router and experts come back as they were (the smallest check of the bookkeeping)."""
     model = tiny_mixtral(experts=4)
     calibration = sequences(4)
     stats = routing_statistics(model, calibration)
@@ -151,6 +151,7 @@ def test_keeping_every_dominant_router_row_is_the_original_routing():
         )
         torch.testing.assert_close(gate, mlp.gate.weight)
         torch.testing.assert_close(up, mlp.experts.gate_up_proj)
+        torch.testing.assert_close(down, mlp.experts.down_proj)
 
 
 def test_moe_merge_refuses_what_it_cannot_do(tmp_path):

@@ -8,6 +8,7 @@ from conftest import TinyClip, candidate, tiny_data_aware_inputs, tiny_tower
 
 from mergeflow.errors import ParameterError
 from mergeflow.twin import (
+    TWIN_MERGING,
     TwinParams,
     build_twin,
     compress,
@@ -147,8 +148,7 @@ def test_twin_merging_is_refused_where_it_cannot_run():
     with pytest.raises(ValueError, match="list it under baselines"):
         FamilySpec(method="twin_merging", search={"density": [0.1, 0.2]})
     with pytest.raises(ParameterError, match="'shared_params': method 'ties' has no parameter"):
-        get_method_params = __import__("mergeflow.twin", fromlist=["TWIN_MERGING"]).TWIN_MERGING
-        get_method_params.parse_params({"shared": "ties", "shared_params": {"bogus": 1}})
+        TWIN_MERGING.parse_params({"shared": "ties", "shared_params": {"bogus": 1}})
 
 
 @pytest.fixture(scope="module")
