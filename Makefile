@@ -12,7 +12,7 @@ export AWS_EC2_METADATA_DISABLED := true
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup test test-all lint format demo bench bench-memory bench-factorize bench-core-space bench-peers mutation deploy lock clean
+.PHONY: setup test test-all lint format demo bench bench-demo bench-memory bench-factorize bench-core-space bench-peers mutation deploy lock clean
 
 setup: $(STAMP)
 
@@ -52,6 +52,10 @@ demo: setup
 
 bench: setup
 	$(PY) bench/grid.py
+
+# the least time a first `make demo` can take here: its arithmetic over the matmul ceiling
+bench-demo: setup
+	$(PY) bench/demo_budget.py
 
 bench-memory: setup
 	$(PY) bench/memory.py

@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import sys
+import threading
 
 from tqdm.auto import tqdm
 
@@ -76,6 +77,24 @@ def quiet_servers() -> None:
     refresh_global_settings_context()
 
 
+def start_ephemeral_api() -> threading.Thread | None:
+    """Start the ephemeral Prefect API that a flow run would start (10–20 s on 2 cores) in
+    the background, so that it comes up while other work (the demo's zoo) runs; join the
+    thread before the first flow run, which then finds it up. None, starting nothing, when a
+    Prefect API is configured or ephemeral servers are off."""
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import get_current_settings
+
+    settings = get_current_settings()
+    if settings.api.url or not settings.server.ephemeral.enabled:
+        return None
+    starting = threading.Thread(
+        target=SubprocessASGIServer().start, name="start Prefect's ephemeral API", daemon=True
+    )
+    starting.start()
+    return starting
+
+
 def quiet_console() -> None:
     """Thin the console handlers of the root logger (Prefect's console handler): no line
     per completed task run, no per-point line while a bar shows the grid, no traceback for
@@ -95,4 +114,11 @@ def grid_bar(total: int, desc: str = "score grid"):
     return tqdm(total=total, desc=desc, unit="point", file=sys.stderr, disable=not bar_shown())
 
 
-__all__ = ["PROGRESS_LINE", "bar_shown", "grid_bar", "quiet_console", "quiet_servers"]
+__all__ = [
+    "PROGRESS_LINE",
+    "bar_shown",
+    "grid_bar",
+    "quiet_console",
+    "quiet_servers",
+    "start_ephemeral_api",
+]

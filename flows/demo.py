@@ -258,15 +258,18 @@ def main(argv: list[str] | None = None) -> int:
     port = _free_port()
     _configure(demo_dir, port)
     started = time.perf_counter()
-    from flows.console import quiet_console, quiet_servers
+    from flows.console import quiet_console, quiet_servers, start_ephemeral_api
 
     quiet_servers()
     quiet_console()  # before anything logs: Prefect's console handler, thinned
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "creating tables"
+    api_starting = start_ephemeral_api()  # comes up while the zoo is built or checked
 
     from zoo.zoo import build_zoo, upload_zoo, zoo_spec
 
     manifest = build_zoo(demo_dir / "zoo")
+    if api_starting is not None:
+        api_starting.join()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one access line per S3 request
     server.start()

@@ -100,6 +100,31 @@ def test_a_retried_event_flush_of_the_ephemeral_server_is_not_shown_but_a_drop_i
     assert "Dropping event e1" in shown
 
 
+def _run_with_no_api(script: str, tmp_path, unset=()) -> tuple:
+    """``script`` in a new Python process with no Prefect API configured (and none of the
+    environment's ``PREFECT_`` settings nor ``unset``): the finished process, and the JSON
+    its last line printed."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") and k not in unset}
+    env.update({"PREFECT_HOME": str(tmp_path / "prefect"), "PYTHONPATH": str(root)})
+    ran = subprocess.run(
+        [sys.executable, "-c", script],
+        env=env,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    return ran, json.loads(ran.stdout.strip().splitlines()[-1])
+
+
 _EPHEMERAL_RUN = """
 import json, sys
 from flows.console import quiet_servers
@@ -127,26 +152,52 @@ def test_an_ephemeral_server_that_mergeflow_starts_runs_no_analytics(tmp_path):
     do it): the ephemeral server Prefect starts for it reports analytics (its telemetry
     service) off and the raised startup timeout, read from its own settings endpoint, and
     the process that started it waits that long too."""
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parent.parent
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.pop("DO_NOT_TRACK", None)
-    env.update({"PREFECT_HOME": str(tmp_path / "prefect"), "PYTHONPATH": str(root)})
-    ran = subprocess.run(
-        [sys.executable, "-c", _EPHEMERAL_RUN],
-        env=env,
-        cwd=root,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert ran.returncode == 0, ran.stderr[-3000:]
-    found = json.loads(ran.stdout.strip().splitlines()[-1])
+    ran, found = _run_with_no_api(_EPHEMERAL_RUN, tmp_path, unset=("DO_NOT_TRACK",))
     # the server's own settings, and how long this process waits for it to start
     assert found == {"analytics": False, "timeout": 180, "client_wait": 180}
     assert "Traceback" not in ran.stderr and "telemetry" not in ran.stderr.lower()
+
+
+_EARLY_START = """
+import json
+from flows.console import quiet_servers, start_ephemeral_api
+quiet_servers()
+starting = start_ephemeral_api()
+# the API comes up while this thread goes on (the demo builds its zoo here)
+busy_while_starting = starting.is_alive()
+starting.join()
+from prefect import flow
+from prefect.server.api.server import SubprocessASGIServer
+(server,) = [s for s in SubprocessASGIServer._instances.values() if s.running]
+first = server.server_process.pid
+
+@flow
+def hello():
+    from prefect.client.orchestration import get_client
+    with get_client(sync_client=True) as client:
+        return client.api_url
+
+used = str(hello())
+running = [s for s in SubprocessASGIServer._instances.values() if s.running]
+print(json.dumps({"busy": busy_while_starting, "servers": len(running),
+                  "same": running[0].server_process.pid == first,
+                  "used": used.rstrip("/") == server.api_url}))
+"""
+
+
+def test_the_ephemeral_api_started_early_is_the_one_the_flow_uses(tmp_path):
+    """`make demo` starts the ephemeral API in the background before it builds the zoo:
+    the caller goes on while it starts, and the flow run afterwards uses that server (one
+    server process, the same one) instead of starting another."""
+    _, found = _run_with_no_api(_EARLY_START, tmp_path)
+    assert found == {"busy": True, "servers": 1, "same": True, "used": True}
+
+
+def test_no_ephemeral_api_is_started_where_an_api_is_configured():
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    before = dict(SubprocessASGIServer._instances)
+    with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:9/api"}):
+        assert console.start_ephemeral_api() is None
+    assert SubprocessASGIServer._instances == before

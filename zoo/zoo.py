@@ -168,16 +168,23 @@ def build_zoo(
     """
     config = config or ZooConfig()
     zoo_dir = Path(zoo_dir)
+    manifest_path = zoo_dir / "zoo.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
+    same_config = manifest is not None and manifest.get("config_digest") == config.digest()
+    made_from = sources.provenance()
+    if same_config and manifest.get("sources") == made_from:
+        # the same code and packages make the same data: no need to make it to compare
+        say(f"zoo: reusing {zoo_dir} (built {manifest['built_at']})")
+        return manifest
     tasks = _load_tasks(config, say)
     check_split_sizes(config, tasks)
     data = data_digest(tasks)
-    manifest_path = zoo_dir / "zoo.json"
     why = "runs once; later runs reuse it"
-    if manifest_path.is_file():
-        manifest = json.loads(manifest_path.read_text())
-        same_config = manifest.get("config_digest") == config.digest()
+    if manifest is not None:
         if same_config and manifest.get("data_digest") == data:
-            say(f"zoo: reusing {zoo_dir} (built {manifest['built_at']})")
+            manifest["sources"] = made_from  # the next check needs no data
+            _write_manifest(manifest_path, manifest)
+            say(f"zoo: reusing {zoo_dir} (built {manifest['built_at']}; its data is the same)")
             return manifest
         why = (
             "the zoo there was built from other settings"
@@ -191,7 +198,8 @@ def build_zoo(
     try:
         manifest = _build(building, config, tasks, say)
         manifest["data_digest"] = data
-        (building / "zoo.json").write_text(json.dumps(manifest, indent=2))
+        manifest["sources"] = made_from
+        _write_manifest(building / "zoo.json", manifest)
         if zoo_dir.exists():
             old = zoo_dir.with_name(f"{zoo_dir.name}.old-{os.getpid()}")
             zoo_dir.rename(old)
@@ -203,6 +211,13 @@ def build_zoo(
         shutil.rmtree(building, ignore_errors=True)
     say(f"zoo: built in {manifest['build_seconds']:.0f} s")
     return manifest
+
+
+def _write_manifest(path: Path, manifest: dict) -> None:
+    """Written beside, then moved over: a reader never sees half a manifest."""
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    partial.write_text(json.dumps(manifest, indent=2))
+    partial.replace(path)
 
 
 def _build(
