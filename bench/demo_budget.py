@@ -13,7 +13,7 @@ that ceiling, then the total: a floor, as no run can do the same work faster. Co
 lower bounds (a routed model's router pass, Fisher's per-sample backward, RegMean's Gram
 matrices and every merge itself are left out).
 
-Usage: ``python bench/demo_budget.py [--threads N]`` (no zoo needed; about 20 s).
+Usage: ``python bench/demo_budget.py [--threads N]`` (no zoo needed; about 10 s).
 """
 
 from __future__ import annotations

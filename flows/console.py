@@ -78,7 +78,7 @@ def quiet_servers() -> None:
 
 
 def start_ephemeral_api() -> threading.Thread | None:
-    """Start the ephemeral Prefect API that a flow run would start (10–20 s on 2 cores) in
+    """Start the ephemeral Prefect API that a flow run would start (10–25 s on 2 cores) in
     the background, so that it comes up while other work (the demo's zoo) runs; join the
     thread before the first flow run, which then finds it up. None, starting nothing, when a
     Prefect API is configured or ephemeral servers are off."""

@@ -375,7 +375,7 @@ def provenance() -> str:
     """A digest of what every source's data is made from: this module's code, the
     installed versions of :data:`PACKAGES` and Debian's Fashion-MNIST files (name, size,
     modification time). Data made when it was the same is the same data, so a zoo built then
-    is reused without making the data again (that takes 10–15 s); a package upgraded,
+    is reused without making the data again (12–16 s here); a package upgraded,
     installed or removed changes it. Reads no data."""
     import hashlib
     from importlib import metadata
