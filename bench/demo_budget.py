@@ -86,7 +86,6 @@ def demo_work() -> list[tuple[str, int, int, int]]:
     from flows import demo
     from mergeflow.methods import find_method
     from mergeflow.plan import make_plan
-    from mergeflow.spec import MergeSpec
     from zoo import train
     from zoo.zoo import ZooConfig, zoo_spec
 
@@ -99,29 +98,14 @@ def demo_work() -> list[tuple[str, int, int, int]]:
         ("zoo: fine-tuning", 2 * tasks * test, finetuned, 0),  # + each model's test accuracy
     ]
 
-    spec = MergeSpec.parse(
-        {
-            "model": config.model,
-            "base": "/budget/base.safetensors",
-            "tasks": [
-                {
-                    "name": n,
-                    "checkpoint": f"/budget/{n}.safetensors",
-                    "classes": ["a", "b"],
-                    "dataset": {"uri": f"/budget/data/{n}", "format": "parquet"},
-                }
-                for n in config.tasks
-            ],
-            "grid": {
-                "rank_ratios": list(_default(zoo_spec, "rank_ratios")),  # the demo's grid
-                "scales": list(_default(zoo_spec, "scales")),
-                "families": demo.DEMO_FAMILIES,
-            },
-            "baselines": demo.DEMO_BASELINES,
-            "compression": {"rank_ratio": 0.12},
-            "registered_model": "budget",
-        },
-        "demo budget",
+    # the spec the demo writes (zoo_spec's grid and the demo's families and baselines), for
+    # a zoo of the same tasks; where its files would be does not change what is counted
+    manifest = {
+        "config": config.model_dump(mode="json"),
+        "tasks": [{"name": n, "classes": ["a", "b"], "templates": ["{c}"]} for n in config.tasks],
+    }
+    spec = zoo_spec(
+        manifest, "/budget", "budget", families=demo.DEMO_FAMILIES, baselines=demo.DEMO_BASELINES
     )
     plan = make_plan(spec)
     best_of_each = list({family: c for family, c in reversed(plan.grid)}.values())
